@@ -1,0 +1,64 @@
+// Helpers shared by the CPU kernels: SIMD vector type, aligned scratch buffers, strided row loads.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "tensor_view.h"
+
+namespace decomp {
+
+#if defined(__AVX512F__)
+constexpr int kVecWidth = 16;
+#elif defined(__AVX2__) || defined(__AVX__)
+constexpr int kVecWidth = 8;
+#else
+constexpr int kVecWidth = 4;
+#endif
+typedef float vfloat __attribute__((vector_size(kVecWidth * sizeof(float))));
+
+inline vfloat load_unaligned(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_unaligned(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+// Not `vfloat{} + x`: adding +0 is no identity for -0, so the compiler would emit an add per broadcast.
+inline vfloat broadcast(float x) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return _mm256_set1_ps(x);
+#else
+  return _mm_set1_ps(x);
+#endif
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+template <class T>
+using AlignedBuffer = std::unique_ptr<T[], FreeDeleter>;
+
+template <class T>
+AlignedBuffer<T> aligned_buffer(size_t count) {
+  size_t bytes = ((count * sizeof(T) + 63) / 64) * 64;
+  void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+  if (!p) throw std::bad_alloc();
+  return AlignedBuffer<T>(static_cast<T*>(p));
+}
+
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) { return bf16_to_float(x); }
+
+inline int64_t valid_length(const TensorView* lengths, int64_t n, int64_t T) {
+  return lengths ? lengths->data<const int64_t>()[n] : T;
+}
+inline float example_weight(const TensorView* weights, int64_t n) {
+  return weights ? weights->data<const float>()[n] : 1.0f;
+}
+
+}  // namespace decomp

@@ -1,0 +1,343 @@
+// CPU kernels of the diagonal Fisher. fisher_linear is a GEMM over the concatenated valid tokens of all examples
+// (K = sum_n L_n) whose accumulator is squared at each example boundary: each example's tile of G_n^T A_n lives
+// only in registers, so the work is one GEMM's FLOPs and no [N, out, in] buffer ever exists.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "../common/cpu_util.h"
+#include "fisher.h"
+
+namespace decomp {
+namespace {
+
+constexpr int kNV = 2;                          // vectors per micro-tile row
+constexpr int kNR = kNV * kVecWidth;            // micro-tile columns (input features)
+constexpr int kMR = kVecWidth == 16 ? 6 : 3;    // micro-tile rows (output features); fits the register file
+// Packed inner operand of a block stays in L2 (measured: 0.5-1 MiB best on a 2 MiB L2; larger spills).
+constexpr int64_t kPackedBytesTarget = 1 << 20;
+
+// Adds one micro-tile. gp: [tokens, kMR] and ap: [tokens, kNR] packed panels; c: the kMR x kNR tile, row stride ldc.
+// kSquare: accumulate (sum over each segment's tokens)^2, one segment per example; else a plain GEMM update.
+template <bool kSquare>
+void micro_kernel(const float* __restrict gp, const float* __restrict ap, const int32_t* __restrict segments,
+                  int64_t num_segments, float* __restrict c, int64_t ldc) {
+  vfloat acc[kMR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) acc[r][v] = load_unaligned(c + r * ldc + v * kVecWidth);
+
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int32_t length = segments[s];
+    if constexpr (kSquare) {
+      vfloat x[kMR][kNV];
+      vfloat b[kNV];
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) b[v] = *reinterpret_cast<const vfloat*>(ap + v * kVecWidth);
+#pragma GCC unroll 8
+      for (int r = 0; r < kMR; ++r) {
+        const vfloat g = broadcast(gp[r]);
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) x[r][v] = g * b[v];
+      }
+      ap += kNR;
+      gp += kMR;
+      for (int32_t t = 1; t < length; ++t) {
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) b[v] = *reinterpret_cast<const vfloat*>(ap + v * kVecWidth);
+#pragma GCC unroll 8
+        for (int r = 0; r < kMR; ++r) {
+          const vfloat g = broadcast(gp[r]);
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) x[r][v] += g * b[v];
+        }
+        ap += kNR;
+        gp += kMR;
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) acc[r][v] += x[r][v] * x[r][v];
+    } else {
+      for (int32_t t = 0; t < length; ++t) {
+        vfloat b[kNV];
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) b[v] = *reinterpret_cast<const vfloat*>(ap + v * kVecWidth);
+#pragma GCC unroll 8
+        for (int r = 0; r < kMR; ++r) {
+          const vfloat g = broadcast(gp[r]);
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) acc[r][v] += g * b[v];
+        }
+        ap += kNR;
+        gp += kMR;
+      }
+    }
+  }
+
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) store_unaligned(c + r * ldc + v * kVecWidth, acc[r][v]);
+}
+
+template <bool kSquare>
+void tile(const float* gp, const float* ap, const int32_t* segments, int64_t num_segments, float* out, int64_t ldc,
+          int64_t rows, int64_t cols) {
+  if (rows == kMR && cols == kNR) return micro_kernel<kSquare>(gp, ap, segments, num_segments, out, ldc);
+  alignas(64) float edge[kMR * kNR] = {};
+  for (int64_t r = 0; r < rows; ++r) std::copy(out + r * ldc, out + r * ldc + cols, edge + r * kNR);
+  micro_kernel<kSquare>(gp, ap, segments, num_segments, edge, kNR);
+  for (int64_t r = 0; r < rows; ++r) std::copy(edge + r * kNR, edge + r * kNR + cols, out + r * ldc);
+}
+
+// Consecutive examples packed and multiplied together; tokens = their summed valid lengths.
+struct Block {
+  int64_t first_segment, num_segments, first_token, tokens;
+};
+
+// Packs `length` rows of `width` values (element (s, j) at src[s * row_stride + j * col_stride]) into panels of
+// kPanel columns, zero-padded: panels[p][token0 + s][0:kPanel], each panel `block_tokens` rows long.
+// Each value becomes scale * x, or scale * x^2 with kSquare.
+template <int kPanel, bool kSquare, bool kContiguous, class Src>
+void pack_rows(const Src* src, int64_t row_stride, int64_t col_stride, int64_t length, int64_t width, float scale,
+               int64_t block_tokens, int64_t token0, float* panels) {
+  const int64_t full_panels = width / kPanel, stride = kContiguous ? 1 : col_stride;
+  for (int64_t s = 0; s < length; ++s) {
+    const Src* row = src + s * row_stride;
+    float* dst = panels + (token0 + s) * kPanel;
+    for (int64_t p = 0; p < full_panels; ++p, dst += block_tokens * kPanel) {
+      const Src* from = row + p * kPanel * stride;
+#pragma GCC unroll 32
+      for (int j = 0; j < kPanel; ++j) {
+        const float x = widen(from[j * stride]);
+        dst[j] = kSquare ? scale * x * x : scale * x;
+      }
+    }
+    if (full_panels * kPanel < width) {
+      const int64_t rest = width - full_panels * kPanel;
+      const Src* from = row + full_panels * kPanel * stride;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const float x = j < rest ? widen(from[j * stride]) : 0.0f;
+        dst[j] = kSquare ? scale * x * x : scale * x;
+      }
+    }
+  }
+}
+
+template <int kPanel>
+void pack_example(const TensorView& t, int64_t n, int64_t length, float scale, bool square, int64_t block_tokens,
+                  int64_t token0, float* panels) {
+  const int64_t offset = n * t.stride(0), width = t.size(2), rs = t.stride(1), cs = t.stride(2);
+  auto run = [&](auto* src) {
+    if (square) {
+      if (cs == 1) return pack_rows<kPanel, true, true>(src, rs, cs, length, width, scale, block_tokens, token0, panels);
+      return pack_rows<kPanel, true, false>(src, rs, cs, length, width, scale, block_tokens, token0, panels);
+    }
+    if (cs == 1) return pack_rows<kPanel, false, true>(src, rs, cs, length, width, scale, block_tokens, token0, panels);
+    return pack_rows<kPanel, false, false>(src, rs, cs, length, width, scale, block_tokens, token0, panels);
+  };
+  if (t.dtype == DType::BFloat16) return run(t.data<const uint16_t>() + offset);
+  run(t.data<const float>() + offset);
+}
+
+// Grow-only per-thread scratch: a fresh allocation per call would be mmap'd and page-faulted in every time.
+float* scratch(int slot, size_t count) {
+  thread_local AlignedBuffer<float> buffers[2];
+  thread_local size_t capacity[2] = {0, 0};
+  if (capacity[slot] < count) {
+    buffers[slot] = aligned_buffer<float>(count);
+    capacity[slot] = count;
+  }
+  return buffers[slot].get();
+}
+
+}  // namespace
+
+void fisher_linear_cpu(const TensorView& A, const TensorView& G, const TensorView& out_view, const FisherInputs& in) {
+  const int64_t N = A.size(0), T = A.size(1), in_features = A.size(2), out_features = G.size(2);
+  if (N == 0 || T == 0 || in_features == 0 || out_features == 0) return;
+
+  // Examples that contribute, as segments of packed tokens. Weights >= 0 (checked by the caller), so
+  // w (G^T A)^2 = (sqrt(w) G^T A)^2 and the weight folds into the packed G.
+  std::vector<int64_t> example;
+  std::vector<int32_t> segment_length;
+  int64_t max_length = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t length = valid_length(in.lengths, n, T);
+    if (length == 0 || example_weight(in.weights, n) == 0.0f) continue;
+    example.push_back(n);
+    segment_length.push_back(static_cast<int32_t>(length));
+    max_length = std::max(max_length, length);
+  }
+  if (example.empty()) return;
+  // One token per example: (sum_t g a)^2 = g^2 a^2, so square the inputs and run a plain GEMM.
+  const bool square_inputs = max_length == 1;
+
+  const int64_t panel_rows = (out_features + kMR - 1) / kMR, panel_cols = (in_features + kNR - 1) / kNR;
+  const int64_t inner_width = std::min(panel_rows * kMR, panel_cols * kNR);
+  const int64_t block_target = std::max<int64_t>(64, kPackedBytesTarget / (4 * inner_width));
+
+  std::vector<Block> blocks;
+  std::vector<int64_t> token_offset(example.size());
+  for (int64_t s = 0, token = 0; s < static_cast<int64_t>(example.size()); ++s) {
+    if (blocks.empty() || blocks.back().tokens >= block_target) blocks.push_back({s, 0, token, 0});
+    token_offset[s] = token - blocks.back().first_token;
+    blocks.back().num_segments += 1;
+    blocks.back().tokens += segment_length[s];
+    token += segment_length[s];
+  }
+  int64_t max_tokens = 0;
+  for (const Block& b : blocks) max_tokens = std::max(max_tokens, b.tokens);
+
+  float* packed_g = scratch(0, max_tokens * panel_rows * kMR);
+  float* packed_a = scratch(1, max_tokens * panel_cols * kNR);
+  float* out = out_view.data<float>();
+  const bool rows_outer = out_features >= in_features;
+
+#pragma omp parallel num_threads(std::max(1, in.num_threads))
+  {
+    for (const Block& block : blocks) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t s = block.first_segment; s < block.first_segment + block.num_segments; ++s) {
+        const int64_t n = example[s];
+        const float weight = example_weight(in.weights, n);
+        pack_example<kMR>(G, n, segment_length[s], square_inputs ? weight : std::sqrt(weight), square_inputs,
+                          block.tokens, token_offset[s], packed_g);
+        pack_example<kNR>(A, n, segment_length[s], 1.0f, square_inputs, block.tokens, token_offset[s], packed_a);
+      }
+      // The plain GEMM needs no segment boundaries: the block is one run of tokens.
+      const int32_t whole_block = static_cast<int32_t>(block.tokens);
+      const int32_t* segments = square_inputs ? &whole_block : segment_length.data() + block.first_segment;
+      const int64_t num_segments = square_inputs ? 1 : block.num_segments;
+      const int64_t outer = rows_outer ? panel_rows : panel_cols, inner = rows_outer ? panel_cols : panel_rows;
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t i = 0; i < outer; ++i) {
+        for (int64_t j = 0; j < inner; ++j) {
+          const int64_t p = rows_outer ? i : j, q = rows_outer ? j : i;
+          const float* gp = packed_g + p * block.tokens * kMR;
+          const float* ap = packed_a + q * block.tokens * kNR;
+          const int64_t rows = std::min<int64_t>(kMR, out_features - p * kMR);
+          const int64_t cols = std::min<int64_t>(kNR, in_features - q * kNR);
+          float* c = out + p * kMR * in_features + q * kNR;
+          if (square_inputs)
+            tile<false>(gp, ap, segments, num_segments, c, in_features, rows, cols);
+          else
+            tile<true>(gp, ap, segments, num_segments, c, in_features, rows, cols);
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+// sum[j] += sum over the example's `length` rows of src[t * row_stride + j * col_stride], j < count.
+template <bool kContiguous, class Src>
+void add_rows(const Src* src, int64_t row_stride, int64_t col_stride, int64_t length, int64_t count,
+              float* __restrict sum) {
+  const int64_t stride = kContiguous ? 1 : col_stride;
+  for (int64_t t = 0; t < length; ++t) {
+    const Src* row = src + t * row_stride;
+    for (int64_t j = 0; j < count; ++j) sum[j] += widen(row[j * stride]);
+  }
+}
+
+void add_rows(const TensorView& G, int64_t offset, int64_t row_stride, int64_t length, int64_t count,
+              float* sum) {
+  const int64_t cs = G.stride(2);
+  if (G.dtype == DType::BFloat16) {
+    const uint16_t* src = G.data<const uint16_t>() + offset;
+    return cs == 1 ? add_rows<true>(src, row_stride, cs, length, count, sum)
+                   : add_rows<false>(src, row_stride, cs, length, count, sum);
+  }
+  const float* src = G.data<const float>() + offset;
+  cs == 1 ? add_rows<true>(src, row_stride, cs, length, count, sum)
+          : add_rows<false>(src, row_stride, cs, length, count, sum);
+}
+
+}  // namespace
+
+void fisher_linear_bias_cpu(const TensorView& G, const TensorView& out_view, const FisherInputs& in) {
+  const int64_t N = G.size(0), T = G.size(1), width = G.size(2);
+  if (N == 0 || width == 0) return;
+  // Threads take whole examples (contiguous rows stream best) into private totals, reduced in thread order so
+  // the result does not depend on scheduling.
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(in.num_threads, N)));
+  std::vector<std::vector<float>> totals(threads);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float>& total = totals[omp_get_thread_num()];
+    total.assign(width, 0.0f);
+    std::vector<float> sum(width);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t length = valid_length(in.lengths, n, T);
+      const float weight = example_weight(in.weights, n);
+      if (length == 0 || weight == 0.0f) continue;
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      add_rows(G, n * G.stride(0), G.stride(1), length, width, sum.data());
+      for (int64_t j = 0; j < width; ++j) total[j] += weight * sum[j] * sum[j];
+    }
+  }
+  float* out = out_view.data<float>();
+  for (const std::vector<float>& total : totals)
+    for (int64_t j = 0; j < width; ++j) out[j] += total[j];
+}
+
+void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const TensorView& out_view,
+                          const FisherInputs& in) {
+  const int64_t N = G.size(0), T = G.size(1), dim = G.size(2), vocabulary = out_view.size(0);
+  const int64_t* ids = ids_view.data<const int64_t>();
+  auto id_at = [&](int64_t n, int64_t t) { return ids[n * ids_view.stride(0) + t * ids_view.stride(1)]; };
+
+  // Group each example's valid positions by token id before touching `out`, so a bad id writes nothing.
+  struct Run {
+    int64_t example, id, first, count;  // positions order[first : first + count]
+  };
+  std::vector<int64_t> order;
+  std::vector<Run> runs;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t length = valid_length(in.lengths, n, T);
+    if (length == 0 || example_weight(in.weights, n) == 0.0f) continue;
+    const int64_t base = static_cast<int64_t>(order.size());
+    for (int64_t t = 0; t < length; ++t) {
+      const int64_t id = id_at(n, t);
+      require(id >= 0 && id < vocabulary, "ids must lie in [0, num_embeddings) at valid positions; got " +
+                                              std::to_string(id) + " at example " + std::to_string(n) +
+                                              ", position " + std::to_string(t));
+      order.push_back(t);
+    }
+    std::stable_sort(order.begin() + base, order.end(),
+                     [&](int64_t a, int64_t b) { return id_at(n, a) < id_at(n, b); });
+    for (int64_t i = base; i < static_cast<int64_t>(order.size()); ++i) {
+      const int64_t id = id_at(n, order[i]);
+      if (i == base || runs.back().id != id) runs.push_back({n, id, i, 0});
+      runs.back().count += 1;
+    }
+  }
+
+  float* out = out_view.data<float>();
+  constexpr int64_t kChunk = 128;
+  const int64_t chunks = (dim + kChunk - 1) / kChunk;
+  // Threads own disjoint column ranges of `out`, so runs of one id never race.
+#pragma omp parallel for schedule(static) num_threads(std::max(1, in.num_threads))
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t start = chunk * kChunk, count = std::min(kChunk, dim - start);
+    alignas(64) float sum[kChunk];
+    for (const Run& run : runs) {
+      std::fill(sum, sum + count, 0.0f);
+      for (int64_t i = run.first; i < run.first + run.count; ++i)
+        add_rows(G, run.example * G.stride(0) + order[i] * G.stride(1) + start * G.stride(2), 0, 1, count, sum);
+      const float weight = example_weight(in.weights, run.example);
+      float* dst = out + run.id * dim + start;
+      for (int64_t j = 0; j < count; ++j) dst[j] += weight * sum[j] * sum[j];
+    }
+  }
+}
+
+}  // namespace decomp

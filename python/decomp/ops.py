@@ -1,0 +1,196 @@
+"""Native kernels as torch operators.
+
+Each public function validates its arguments (errors name the argument, what was expected and what was
+given), allocates the output with torch and calls a ``torch.library`` custom op (with a fake implementation,
+so the ops trace under ``torch.compile``) whose implementation hands raw views to ``decomp._C``.
+``decomp.reference`` holds pure-PyTorch functions with the same names and signatures.
+
+Shapes: A [N, T, in] (or [N, in], meaning T = 1), G [N, T, out], ids [N, T] (or [N]), lengths [N] marks each
+example's valid prefix. Inputs are float32 or bfloat16; accumulation is float32. The Fisher ops return sums
+over examples (not means) and, given ``out``, add into it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as check
+from ._native import num_threads, optional_view, stream_of, view
+from ._native import _C
+
+__all__ = ["fisher_linear", "fisher_linear_bias", "fisher_embedding"]
+
+
+def _factors(A, G):
+    """Validates the layer factors and returns them as [N, T, in] and [N, T, out] views."""
+    check.tensor("G", G, shape="[N, T, out] or [N, out]", ranks=(2, 3), dtypes=check.FLOAT_INPUTS)
+    check.tensor("A", A, shape="[N, T, in] or [N, in]", ranks=(G.dim(),), dtypes=(G.dtype,), device=G.device,
+                 device_of="G")
+    if A.dim() == 2:
+        A, G = A.unsqueeze(1), G.unsqueeze(1)
+    if A.shape[:2] != G.shape[:2]:
+        raise ValueError(f"A and G must agree in N and T; got A {check.describe(A)} and G {check.describe(G)}")
+    return A, G
+
+
+def _sequence_grads(G, name="G"):
+    check.tensor(name, G, shape="[N, T, out] or [N, out]", ranks=(2, 3), dtypes=check.FLOAT_INPUTS)
+    return G.unsqueeze(1) if G.dim() == 2 else G
+
+
+# --- fisher_linear -------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("decomp::fisher_linear_into", mutates_args=("out",))
+def _fisher_linear_into(A: Tensor, G: Tensor, lengths: Optional[Tensor], weights: Optional[Tensor],
+                        out: Tensor) -> None:
+    check.lengths_values(lengths, A.shape[1])
+    check.weights_values(weights)
+    _C.fisher_linear(view(A), view(G), optional_view(lengths), optional_view(weights), view(out), num_threads(),
+                     stream_of(A))
+
+
+@_fisher_linear_into.register_fake
+def _(A, G, lengths, weights, out):
+    return None
+
+
+@torch.library.custom_op("decomp::fisher_linear", mutates_args=())
+def _fisher_linear(A: Tensor, G: Tensor, lengths: Optional[Tensor], weights: Optional[Tensor]) -> Tensor:
+    out = torch.zeros(G.shape[2], A.shape[2], dtype=torch.float32, device=A.device)
+    _fisher_linear_into(A, G, lengths, weights, out)
+    return out
+
+
+@_fisher_linear.register_fake
+def _(A, G, lengths, weights):
+    return A.new_empty((G.shape[2], A.shape[2]), dtype=torch.float32)
+
+
+def fisher_linear(A: Tensor, G: Tensor, *, lengths: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                  out: Optional[Tensor] = None) -> Tensor:
+    """Summed squared per-example gradients of a Linear weight, fused.
+
+    out[o, i] (+)= sum_n w_n (sum_{t < L_n} G[n, t, o] A[n, t, i])^2, i.e. sum_n w_n (G_n^T A_n)^2 without ever
+    forming an [N, out, in] buffer.
+
+    A: [N, T, in] or [N, in] layer inputs; G: [N, T, out] or [N, out] gradients w.r.t. the layer outputs
+    (same dtype, float32 or bfloat16). lengths: [N] valid prefix per example (padding beyond it costs nothing).
+    weights: [N] >= 0. out: [out, in] float32, added into when given. Returns [out, in] float32.
+    """
+    A, G = _factors(A, G)
+    N = A.shape[0]
+    lengths = check.lengths(lengths, N, A.device)
+    weights = check.weights(weights, N, A.device)
+    if out is None:
+        return _fisher_linear(A, G, lengths, weights)
+    check.out(out, (G.shape[2], A.shape[2]), A.device)
+    _fisher_linear_into(A, G, lengths, weights, out)
+    return out
+
+
+# --- fisher_linear_bias --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("decomp::fisher_linear_bias_into", mutates_args=("out",))
+def _fisher_linear_bias_into(G: Tensor, lengths: Optional[Tensor], weights: Optional[Tensor], out: Tensor) -> None:
+    check.lengths_values(lengths, G.shape[1])
+    check.weights_values(weights)
+    _C.fisher_linear_bias(view(G), optional_view(lengths), optional_view(weights), view(out), num_threads(),
+                          stream_of(G))
+
+
+@_fisher_linear_bias_into.register_fake
+def _(G, lengths, weights, out):
+    return None
+
+
+@torch.library.custom_op("decomp::fisher_linear_bias", mutates_args=())
+def _fisher_linear_bias(G: Tensor, lengths: Optional[Tensor], weights: Optional[Tensor]) -> Tensor:
+    out = torch.zeros(G.shape[2], dtype=torch.float32, device=G.device)
+    _fisher_linear_bias_into(G, lengths, weights, out)
+    return out
+
+
+@_fisher_linear_bias.register_fake
+def _(G, lengths, weights):
+    return G.new_empty((G.shape[2],), dtype=torch.float32)
+
+
+def fisher_linear_bias(G: Tensor, *, lengths: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                       out: Optional[Tensor] = None) -> Tensor:
+    """Summed squared per-example gradients of a Linear bias: out[o] (+)= sum_n w_n (sum_{t < L_n} G[n, t, o])^2.
+
+    G: [N, T, out] or [N, out]; lengths, weights: [N]; out: [out] float32. Returns [out] float32.
+    """
+    G = _sequence_grads(G)
+    N = G.shape[0]
+    lengths = check.lengths(lengths, N, G.device)
+    weights = check.weights(weights, N, G.device)
+    if out is None:
+        return _fisher_linear_bias(G, lengths, weights)
+    check.out(out, (G.shape[2],), G.device)
+    _fisher_linear_bias_into(G, lengths, weights, out)
+    return out
+
+
+# --- fisher_embedding ----------------------------------------------------------------------------------------
+
+@torch.library.custom_op("decomp::fisher_embedding_into", mutates_args=("out",))
+def _fisher_embedding_into(ids: Tensor, G: Tensor, lengths: Optional[Tensor], weights: Optional[Tensor],
+                           out: Tensor) -> None:
+    check.lengths_values(lengths, G.shape[1])
+    check.weights_values(weights)
+    check.ids_values(ids, lengths, out.shape[0])
+    _C.fisher_embedding(view(ids), view(G), optional_view(lengths), optional_view(weights), view(out),
+                        num_threads(), stream_of(G))
+
+
+@_fisher_embedding_into.register_fake
+def _(ids, G, lengths, weights, out):
+    return None
+
+
+@torch.library.custom_op("decomp::fisher_embedding", mutates_args=())
+def _fisher_embedding(ids: Tensor, G: Tensor, num_embeddings: int, lengths: Optional[Tensor],
+                      weights: Optional[Tensor]) -> Tensor:
+    out = torch.zeros(num_embeddings, G.shape[2], dtype=torch.float32, device=G.device)
+    _fisher_embedding_into(ids, G, lengths, weights, out)
+    return out
+
+
+@_fisher_embedding.register_fake
+def _(ids, G, num_embeddings, lengths, weights):
+    return G.new_empty((num_embeddings, G.shape[2]), dtype=torch.float32)
+
+
+def fisher_embedding(ids: Tensor, G: Tensor, num_embeddings: int, *, lengths: Optional[Tensor] = None,
+                     weights: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """Summed squared per-example gradients of an embedding table.
+
+    Within an example, the rows of a repeated token are summed before squaring (that is the example's gradient
+    of that row): out[v, d] (+)= sum_n w_n (sum_{t < L_n, ids[n, t] = v} G[n, t, d])^2.
+
+    ids: [N, T] or [N] int64; G: [N, T, dim] or [N, dim] gradients w.r.t. the looked-up rows; lengths, weights:
+    [N]; out: [num_embeddings, dim] float32. Returns [num_embeddings, dim] float32.
+    """
+    check.tensor("ids", ids, shape="[N, T] or [N]", ranks=(1, 2), dtypes=(torch.int64, torch.int32))
+    G = _sequence_grads(G.unsqueeze(1) if isinstance(G, torch.Tensor) and ids.dim() == 1 else G)
+    ids = ids.unsqueeze(1) if ids.dim() == 1 else ids
+    check.tensor("ids", ids, shape="[N, T] or [N]", ranks=(2,), dtypes=(torch.int64, torch.int32),
+                 device=G.device, device_of="G")
+    if ids.shape != G.shape[:2]:
+        raise ValueError(f"ids must be [N, T] matching G's first two dimensions; got ids {check.describe(ids)} "
+                         f"and G {check.describe(G)}")
+    ids = ids.to(torch.int64)
+    if not isinstance(num_embeddings, int) or num_embeddings < 0:
+        raise ValueError(f"num_embeddings must be a non-negative int; got {num_embeddings!r}")
+    N = G.shape[0]
+    lengths = check.lengths(lengths, N, G.device)
+    weights = check.weights(weights, N, G.device)
+    if out is None:
+        return _fisher_embedding(ids, G, num_embeddings, lengths, weights)
+    check.out(out, (num_embeddings, G.shape[2]), G.device)
+    _fisher_embedding_into(ids, G, lengths, weights, out)
+    return out
