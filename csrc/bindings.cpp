@@ -8,6 +8,7 @@
 
 #include "common/cpu_util.h"
 #include "fisher/fisher.h"
+#include "sketch/sketch.h"
 
 namespace py = pybind11;
 using decomp::TensorView;
@@ -39,6 +40,18 @@ py::dict build_info() {
   return info;
 }
 
+decomp::SketchParams sketch_params(uint32_t seed, uint32_t stream, decomp::Distribution dist, uint64_t offset,
+                                   float scale, int num_threads) {
+  decomp::SketchParams params;
+  params.seed = seed;
+  params.stream = stream;
+  params.dist = dist;
+  params.offset = offset;
+  params.scale = scale;
+  params.num_threads = num_threads;
+  return params;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -50,6 +63,10 @@ PYBIND11_MODULE(_C, m) {
       .value("int64", decomp::DType::Int64)
       .value("int32", decomp::DType::Int32)
       .value("float64", decomp::DType::Float64);
+
+  py::enum_<decomp::Distribution>(m, "Distribution")
+      .value("rademacher", decomp::Distribution::Rademacher)
+      .value("gaussian", decomp::Distribution::Gaussian);
 
   py::class_<TensorView>(m, "TensorView")
       .def(py::init([](uintptr_t ptr, std::vector<int64_t> shape, std::vector<int64_t> strides, decomp::DType dtype,
@@ -99,4 +116,32 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("ids"), py::arg("G"), py::arg("lengths"), py::arg("weights"), py::arg("out"), py::arg("num_threads"),
       py::arg("stream"));
+
+  m.def(
+      "projection_matrix",
+      [](const TensorView& out, uint32_t seed, uint32_t stream, decomp::Distribution dist, uint64_t offset,
+         float scale, int num_threads) {
+        py::gil_scoped_release release;
+        decomp::projection_matrix(out, sketch_params(seed, stream, dist, offset, scale, num_threads));
+      },
+      py::arg("out"), py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"), py::arg("scale"),
+      py::arg("num_threads"));
+  m.def(
+      "sketch_dense",
+      [](const TensorView& X, const TensorView& out, uint32_t seed, uint32_t stream, decomp::Distribution dist,
+         uint64_t offset, float scale, int num_threads) {
+        py::gil_scoped_release release;
+        decomp::sketch_dense(X, out, sketch_params(seed, stream, dist, offset, scale, num_threads));
+      },
+      py::arg("X"), py::arg("out"), py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"),
+      py::arg("scale"), py::arg("num_threads"));
+  m.def(
+      "count_sketch",
+      [](const TensorView& X, const std::optional<TensorView>& lengths, const TensorView& out, uint32_t seed,
+         uint32_t stream, int num_threads) {
+        py::gil_scoped_release release;
+        decomp::count_sketch(X, lengths ? &*lengths : nullptr, out,
+                             sketch_params(seed, stream, decomp::Distribution::Rademacher, 0, 1.0f, num_threads));
+      },
+      py::arg("X"), py::arg("lengths"), py::arg("out"), py::arg("seed"), py::arg("stream"), py::arg("num_threads"));
 }

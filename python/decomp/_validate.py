@@ -90,3 +90,27 @@ def ids_values(ids: torch.Tensor, lengths_t: Optional[torch.Tensor], num_embeddi
     if valid.numel() and (bool((valid < 0).any()) or bool((valid >= num_embeddings).any())):
         raise ValueError(f"ids must lie in [0, num_embeddings={num_embeddings}) at valid positions; got values "
                          f"from {int(valid.min())} to {int(valid.max())}")
+
+
+SEED_LIMIT = 2 ** 32
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
+def seed(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**32); got {value!r}")
+
+
+def offset(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise ValueError(f"offset must be an int in [0, 2**63); got {value!r}")
+
+
+def distribution(value) -> None:
+    if value not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {', '.join(DISTRIBUTIONS)}; got {value!r}")

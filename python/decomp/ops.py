@@ -12,16 +12,20 @@ over examples (not means) and, given ``out``, add into it.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _validate as check
+from . import reference
 from ._native import num_threads, optional_view, stream_of, view
 from ._native import _C
+from .reference import STREAM_COUNT_IN, STREAM_COUNT_OUT, STREAM_DENSE, STREAM_KRON_IN, STREAM_KRON_OUT
 
-__all__ = ["fisher_linear", "fisher_linear_bias", "fisher_embedding"]
+__all__ = ["fisher_linear", "fisher_linear_bias", "fisher_embedding", "projection_matrix", "sketch_dense",
+           "sketch_linear", "count_sketch_linear"]
 
 
 def _factors(A, G):
@@ -194,3 +198,125 @@ def fisher_embedding(ids: Tensor, G: Tensor, num_embeddings: int, *, lengths: Op
     check.out(out, (num_embeddings, G.shape[2]), G.device)
     _fisher_embedding_into(ids, G, lengths, weights, out)
     return out
+
+
+# --- sketches ------------------------------------------------------------------------------------------------
+# The native sketch kernels run on the CPU. On CUDA tensors these ops take the pure-PyTorch path of
+# decomp.reference, which evaluates the same hash on the GPU, until native CUDA kernels land.
+
+def _distribution(dist: str):
+    return _C.Distribution.rademacher if dist == "rademacher" else _C.Distribution.gaussian
+
+
+def _check_sketch_args(seed, dist, **positive):
+    check.seed(seed)
+    check.distribution(dist)
+    for name, value in positive.items():
+        check.positive_int(name, value)
+
+
+@torch.library.custom_op("decomp::projection_matrix", mutates_args=())
+def _projection_matrix(rows: int, cols: int, seed: int, stream: int, dist: str, offset: int) -> Tensor:
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    _C.projection_matrix(view(out), seed, stream, _distribution(dist), offset, 1.0 / math.sqrt(rows),
+                         num_threads())
+    return out
+
+
+@_projection_matrix.register_fake
+def _(rows, cols, seed, stream, dist, offset):
+    return torch.empty(rows, cols, dtype=torch.float32)
+
+
+def projection_matrix(rows: int, cols: int, *, seed: int, dist: str = "rademacher", offset: int = 0,
+                      stream: int = STREAM_DENSE, device=None) -> Tensor:
+    """Columns offset..offset+cols of the random projection with `rows` rows, materialised: [rows, cols] float32,
+    entries +-1/sqrt(rows) (Rademacher) or N(0, 1/rows) (Gaussian), each a pure function of (seed, stream, row,
+    column). Equal to decomp.reference.projection_matrix on every device."""
+    _check_sketch_args(seed, dist, rows=rows)
+    check.offset(offset)
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 0:
+        raise ValueError(f"cols must be a non-negative int; got {cols!r}")
+    if device is not None and torch.device(device).type != "cpu":
+        return reference.projection_matrix(rows, cols, seed=seed, dist=dist, offset=offset, stream=stream,
+                                           device=device)
+    return _projection_matrix(rows, cols, seed, stream, dist, offset)
+
+
+@torch.library.custom_op("decomp::sketch_dense", mutates_args=())
+def _sketch_dense(X: Tensor, k: int, seed: int, offset: int, dist: str) -> Tensor:
+    if X.is_cuda:
+        return reference.sketch_dense(X, k=k, seed=seed, offset=offset, dist=dist).to(torch.float32)
+    out = torch.empty(X.shape[0], k, dtype=torch.float32)
+    _C.sketch_dense(view(X), view(out), seed, STREAM_DENSE, _distribution(dist), offset, 1.0 / math.sqrt(k),
+                    num_threads())
+    return out
+
+
+@_sketch_dense.register_fake
+def _(X, k, seed, offset, dist):
+    return X.new_empty((X.shape[0], k), dtype=torch.float32)
+
+
+def sketch_dense(X: Tensor, *, k: int, seed: int, offset: int = 0, dist: str = "rademacher") -> Tensor:
+    """Johnson-Lindenstrauss sketch S X of each row, S generated on the fly from (seed, row, column), never stored.
+
+    X: [N, p] float32 or bfloat16, holding columns offset..offset+p of the full vector, so that sketches of
+    column chunks add up to the sketch of the whole: sketch_dense(X[:, :m]) + sketch_dense(X[:, m:], offset=m)
+    == sketch_dense(X). k: sketch size; seed in [0, 2**32); dist: "rademacher" (default) or "gaussian".
+    Returns [N, k] float32 with E[<S x, S y>] = <x, y>. Rows are independent: any batch split gives the same rows.
+    """
+    check.tensor("X", X, shape="[N, p]", ranks=(2,), dtypes=check.FLOAT_INPUTS)
+    _check_sketch_args(seed, dist, k=k)
+    check.offset(offset)
+    return _sketch_dense(X, k, seed, offset, dist)
+
+
+def sketch_linear(A: Tensor, G: Tensor, *, k_out: int, k_in: int, seed: int, lengths: Optional[Tensor] = None,
+                  dist: str = "rademacher") -> Tensor:
+    """Kronecker sketch of each example's Linear-layer gradient G_n^T A_n, never formed: vec(S_out G_n^T A_n S_in^T).
+
+    A: [N, T, in] or [N, in]; G: [N, T, out] or [N, out]; lengths: [N]. S = S_out (x) S_in with S_out [k_out, out]
+    and S_in [k_in, in] from streams of the same seed, each scaled by 1/sqrt(rows). Returns [N, k_out * k_in]
+    float32, row-major over (k_out, k_in). The small projections come from the native generator; the products
+    are torch GEMMs (which no hand-written kernel here beats; see benchmarks/results).
+    """
+    A, G = _factors(A, G)
+    _check_sketch_args(seed, dist, k_out=k_out, k_in=k_in)
+    lengths = check.lengths(lengths, A.shape[0], A.device)
+    if lengths is not None:
+        check.lengths_values(lengths, A.shape[1])
+    S_out = projection_matrix(k_out, G.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_OUT).to(A.device)
+    S_in = projection_matrix(k_in, A.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_IN).to(A.device)
+    return reference.kronecker_from_projections(A, G, S_out, S_in, lengths)
+
+
+@torch.library.custom_op("decomp::count_sketch", mutates_args=())
+def _count_sketch(X: Tensor, k: int, seed: int, stream: int, lengths: Optional[Tensor]) -> Tensor:
+    if X.is_cuda:
+        return reference.count_sketch(X, k=k, seed=seed, stream=stream, lengths=lengths).to(torch.float32)
+    out = torch.empty(X.shape[0], X.shape[1], k, dtype=torch.float32)
+    _C.count_sketch(view(X), optional_view(lengths), view(out), seed, stream, num_threads())
+    return out
+
+
+@_count_sketch.register_fake
+def _(X, k, seed, stream, lengths):
+    return X.new_empty((X.shape[0], X.shape[1], k), dtype=torch.float32)
+
+
+def count_sketch_linear(A: Tensor, G: Tensor, *, k: int, seed: int, lengths: Optional[Tensor] = None) -> Tensor:
+    """TensorSketch of each example's Linear-layer gradient sum_t g_t a_t^T: [N, k] float32.
+
+    The CountSketch with bucket (h_out(o) + h_in(i)) mod k and sign s_out(o) s_in(i), computed as the circular
+    convolution of the two factors' CountSketches (native hashing, torch.fft), without forming outer products.
+    E[<z(x), z(y)>] = <x, y> for the flattened gradients. A: [N, T, in] or [N, in]; G: [N, T, out] or [N, out].
+    """
+    A, G = _factors(A, G)
+    _check_sketch_args(seed, "rademacher", k=k)
+    lengths = check.lengths(lengths, A.shape[0], A.device)
+    if lengths is not None:
+        check.lengths_values(lengths, A.shape[1])
+    count_g = _count_sketch(G, k, seed, STREAM_COUNT_OUT, lengths)
+    count_a = _count_sketch(A, k, seed, STREAM_COUNT_IN, lengths)
+    return reference.tensor_sketch_from_counts(count_g, count_a, k)
