@@ -25,6 +25,16 @@ from decomp import ops, reference  # noqa: E402
 LINEAR_SHAPES = [(32, 1, 384, 1536, False), (32, 16, 384, 1536, False), (32, 128, 384, 1536, False),
                  (16, 128, 768, 3072, False), (32, 128, 384, 1536, True)]
 EMBEDDING_SHAPES = [(32, 48, 30522, 384), (32, 128, 30522, 384)]  # (N, T, vocabulary, dim): MiniLM's table
+DENSE_SHAPES = [(32, 1 << 20, 1024), (32, 1 << 20, 4096)]  # (N, p, k)
+SKETCH_LINEAR_SHAPES = [(32, 48, 384, 1536, 16, 16), (32, 48, 1536, 384, 16, 16)]  # (N, T, in, out, k_out, k_in)
+COUNT_SHAPES = [(32, 48, 384, 1536, 4096), (32, 48, 1536, 384, 4096)]  # (N, T, in, out, k)
+DENSE_CHUNK = 1 << 14
+
+
+def rademacher_from_torch(rows, cols, generator):
+    """The plain-PyTorch way to a +-1 projection block: torch's own generator (not our hash)."""
+    signs = torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.int8)
+    return signs.float().mul_(2).sub_(1).mul_(rows ** -0.5)
 
 
 def linear_inputs(shape, device):
@@ -44,8 +54,55 @@ def embedding_inputs(shape, device):
     return ids, torch.randn(N, T, dim, generator=g).to(device)
 
 
+def sketch_calls(kernel, shape, device):
+    """Sketches: the baseline is the best plain-PyTorch formulation with torch's generator for the projection."""
+    g = torch.Generator().manual_seed(0)
+    if kernel == "sketch_dense":
+        N, p, k = shape
+        X = torch.randn(N, p, generator=g).to(device)
+        W = torch.randn(k, DENSE_CHUNK, generator=g).to(device)
+
+        def baseline():
+            out = torch.zeros(N, k, device=device)
+            gen = torch.Generator().manual_seed(1)
+            for start in range(0, p, DENSE_CHUNK):
+                S = rademacher_from_torch(k, DENSE_CHUNK, gen).to(device)
+                out.addmm_(X[:, start:start + DENSE_CHUNK], S.T)
+            return out
+
+        def floor():
+            out = torch.zeros(N, k, device=device)
+            for start in range(0, p, DENSE_CHUNK):
+                out.addmm_(X[:, start:start + DENSE_CHUNK], W.T)
+            return out
+
+        return baseline, lambda: ops.sketch_dense(X, k=k, seed=0), floor, (2 * N * p * k, "GFLOP/s")
+    if kernel == "sketch_linear":
+        N, T, fin, fout, k_out, k_in = shape
+        A, G = torch.randn(N, T, fin, generator=g).to(device), torch.randn(N, T, fout, generator=g).to(device)
+        flops = 2 * N * T * (fout * k_out + fin * k_in + k_out * k_in)
+        left, right = torch.randn(N * T, fout + fin, generator=g), torch.randn(fout + fin, k_out, generator=g)
+
+        def baseline():
+            S_out = rademacher_from_torch(k_out, fout, torch.Generator().manual_seed(1)).to(device)
+            S_in = rademacher_from_torch(k_in, fin, torch.Generator().manual_seed(2)).to(device)
+            return torch.bmm((G @ S_out.T).transpose(1, 2), A @ S_in.T).reshape(N, -1)
+
+        return (baseline, lambda: ops.sketch_linear(A, G, k_out=k_out, k_in=k_in, seed=0),
+                lambda: left.to(device) @ right.to(device), (flops, "GFLOP/s"))
+    N, T, fin, fout, k = shape
+    A, G = torch.randn(N, T, fin, generator=g).to(device), torch.randn(N, T, fout, generator=g).to(device)
+    counts = torch.randn(N, T, k, generator=g).to(device)
+    return (lambda: reference.count_sketch_linear(A, G, k=k, seed=0),
+            lambda: ops.count_sketch_linear(A, G, k=k, seed=0),
+            lambda: reference.tensor_sketch_from_counts(counts, counts, k),
+            ((A.numel() + G.numel()) * 4, "GB/s"))
+
+
 def calls(kernel, shape, device):
     """(reference call, native call, floor call, work: (flops or bytes, unit)) for one kernel and shape."""
+    if kernel in ("sketch_dense", "sketch_linear", "count_sketch_linear"):
+        return sketch_calls(kernel, shape, device)
     if kernel == "fisher_embedding":
         ids, G = embedding_inputs(shape, device)
         out = torch.zeros(shape[2], shape[3], device=device)
@@ -88,6 +145,12 @@ def memory_probe(kernel, implementation, shape):
 
 
 def shape_label(kernel, shape):
+    if kernel == "sketch_dense":
+        return f"N={shape[0]} p=2^{shape[1].bit_length() - 1} k={shape[2]}"
+    if kernel == "sketch_linear":
+        return f"N={shape[0]} T={shape[1]} {shape[2]}->{shape[3]} k={shape[4]}x{shape[5]}"
+    if kernel == "count_sketch_linear":
+        return f"N={shape[0]} T={shape[1]} {shape[2]}->{shape[3]} k={shape[4]}"
     if kernel == "fisher_embedding":
         N, T, vocabulary, dim = shape
         return f"N={N} T={T} V={vocabulary} dim={dim}"
@@ -110,11 +173,16 @@ def main(argv=None):
     repeats = 3 if args.quick else args.repeats
     plan = [("fisher_linear", s) for s in LINEAR_SHAPES] + [("fisher_linear_bias", s) for s in LINEAR_SHAPES]
     plan += [("fisher_embedding", s) for s in EMBEDDING_SHAPES]
+    plan += [("sketch_dense", s) for s in DENSE_SHAPES] + [("sketch_linear", s) for s in SKETCH_LINEAR_SHAPES]
+    plan += [("count_sketch_linear", s) for s in COUNT_SHAPES]
+    if args.quick:
+        plan = [(kernel, shape) for kernel, shape in plan if kernel != "sketch_dense" or shape[2] == 1024]
     rows = []
     for kernel, shape in plan:
         reference_call, native_call, floor_call, (work, unit) = calls(kernel, shape, device)
+        slow = kernel == "sketch_dense"  # seconds per call: fewer repeats
         times = h.time_interleaved({"reference": reference_call, "native": native_call, "floor": floor_call},
-                                   device, repeats)
+                                   device, min(repeats, 3) if slow else repeats, warmup=1 if slow else 2)
         row = {
             "kernel": kernel, "shape": shape_label(kernel, shape),
             "reference ms": times["reference"], "native ms": times["native"],
@@ -122,7 +190,7 @@ def main(argv=None):
             "rate": work / times["native"] * 1e-6,  # per ms -> giga per s "unit": unit,
             "floor ms": times["floor"], "native / floor": times["native"] / times["floor"],
         }
-        if device.type == "cpu" and not args.quick:
+        if device.type == "cpu" and not args.quick and kernel.startswith("fisher"):
             probe = [kernel, "native", *shape]
             row["native peak extra MiB"] = h.peak_extra_bytes_in_subprocess(Path(__file__), probe) / 2**20
             probe[1] = "reference"
@@ -135,9 +203,13 @@ def main(argv=None):
     info = h.machine()
     text = (f"# Kernel benchmark ({device.type})\n\nMachine: {info['cpu']}, {info['cores']} cores, "
             f"{info['torch_threads']} torch threads, GPU: {info['gpu'] or 'none'}; torch {info['torch']}.\n"
-            f"Median of {repeats} interleaved repeats. Floor: fisher_linear - a torch GEMM of equal FLOPs "
-            f"(valid tokens only); bias and embedding - a torch sum reading the same bytes. Rate: GFLOP/s or GB/s "
-            f"read. Peak extra memory: resident bytes of one call beyond those before it, in a fresh process.\n\n"
+            f"Median of {repeats} interleaved repeats (3 for sketch_dense). Reference: the pure-PyTorch function of "
+            f"decomp.reference; for sketch_dense and sketch_linear the best plain-PyTorch way with torch's own "
+            f"generator for S (chunks of {DENSE_CHUNK} columns for dense). Floor: fisher_linear, sketch_dense, "
+            f"sketch_linear - a torch GEMM of equal FLOPs (valid tokens only; for dense, X times a stored S); "
+            f"bias and embedding - a torch sum reading the same bytes; count_sketch_linear - its FFT part alone. "
+            f"Rate: GFLOP/s, or GB/s of input read. Peak extra memory (Fisher kernels): resident bytes of one call "
+            f"beyond those before it, in a fresh process after a warm-up call on a tiny input.\n\n"
             + h.markdown_table(rows, columns))
     if not args.quick:
         h.save(f"kernels_{device.type}", {"machine": info, "repeats": repeats, "rows": rows}, text)

@@ -1,0 +1,15 @@
+"""The README's Python examples run as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no Python example"
+    namespace = {}
+    exec(compile("\n".join(blocks), str(README), "exec"), namespace)
+    assert namespace["z"].shape == (4, 512)
+    assert namespace["kron"].shape == (namespace["N"], 256)
