@@ -187,7 +187,7 @@ def main(argv=None):
             "kernel": kernel, "shape": shape_label(kernel, shape),
             "reference ms": times["reference"], "native ms": times["native"],
             "speedup": times["reference"] / times["native"],
-            "rate": work / times["native"] * 1e-6,  # per ms -> giga per s "unit": unit,
+            "rate": work / times["native"] * 1e-6, "unit": unit,  # work per ms -> giga per s
             "floor ms": times["floor"], "native / floor": times["native"] / times["floor"],
         }
         if device.type == "cpu" and not args.quick and kernel.startswith("fisher"):
