@@ -11,6 +11,7 @@ Writes benchmarks/results/kernels_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.memory_probe:
         kernel, implementation, *shape = args.memory_probe
-        return memory_probe(kernel, implementation, tuple(eval(x) for x in shape))
+        return memory_probe(kernel, implementation, tuple(ast.literal_eval(x) for x in shape))
 
     device = torch.device(args.device)
     repeats = 3 if args.quick else args.repeats

@@ -37,6 +37,34 @@ inline vfloat broadcast(float x) {
 #endif
 }
 
+// A micro-kernel's register tile: R rows of V vectors at p, row stride ld.
+template <int R, int V>
+inline void load_tile(vfloat (&tile)[R][V], const float* p, int64_t ld) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) tile[r][v] = load_unaligned(p + r * ld + v * kVecWidth);
+}
+
+template <int R, int V>
+inline void store_tile(const vfloat (&tile)[R][V], float* p, int64_t ld) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) store_unaligned(p + r * ld + v * kVecWidth, tile[r][v]);
+}
+
+// Runs kernel(p, ld) on the R x C tile at p, of which only rows x cols lie inside the matrix: an edge tile goes
+// through a zero-padded copy, so the kernel always reads and writes a full tile.
+template <int R, int C, class Kernel>
+inline void on_tile(float* p, int64_t ld, int64_t rows, int64_t cols, Kernel kernel) {
+  if (rows == R && cols == C) return kernel(p, ld);
+  alignas(64) float edge[R * C] = {};
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(edge + r * C, p + r * ld, cols * sizeof(float));
+  kernel(edge, static_cast<int64_t>(C));
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(p + r * ld, edge + r * C, cols * sizeof(float));
+}
+
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };

@@ -1,5 +1,6 @@
-// The counter-based hash behind every random projection: a pure function of (seed, stream, row, word), so that
-// CPU, CUDA and the pure-PyTorch twin (decomp.reference.hash32) give the same bits at any batch size or chunking.
+// The counter-based hash behind every random projection: hash_word(hash_row(seed, stream, row), word), a pure
+// function of (seed, stream, row, word), so that CPU, CUDA and the pure-PyTorch twin (decomp.reference.hash32)
+// give the same bits at any batch size or chunking.
 // Built from 32-bit operations only, so that torch can reproduce it exactly with int64 tensors.
 #pragma once
 
@@ -14,14 +15,7 @@
 
 namespace decomp {
 
-// Streams keep the projections of one seed independent of each other.
-enum HashStream : uint32_t {
-  kStreamDense = 0,      // sketch_dense
-  kStreamKronOut = 1,    // sketch_linear, S_out
-  kStreamKronIn = 2,     // sketch_linear, S_in
-  kStreamCountOut = 3,   // count_sketch_linear, output-feature hashes
-  kStreamCountIn = 4,    // count_sketch_linear, input-feature hashes
-};
+// Stream ids (which projection a hash serves) are defined once, in decomp.reference (STREAM_*), and passed in.
 
 // A 32-bit integer finaliser with low bias (xorshift-multiply, constants from C. Wellons' hash prospector).
 // Templated so that the CPU kernels run it on SIMD vectors of uint32 lanes.
@@ -43,10 +37,6 @@ DECOMP_HOST_DEVICE uint32_t hash_row(uint32_t seed, uint32_t stream, uint32_t ro
 template <class U>
 DECOMP_HOST_DEVICE U hash_word(U row_state, uint64_t word) {
   return mix32(mix32(row_state ^ static_cast<uint32_t>(word)) ^ static_cast<uint32_t>(word >> 32));
-}
-
-DECOMP_HOST_DEVICE uint32_t hash32(uint32_t seed, uint32_t stream, uint32_t row, uint64_t word) {
-  return hash_word(hash_row(seed, stream, row), word);
 }
 
 // Rademacher entry (row, column) is +1 or -1 by bit (column % 32) of the word column / 32: one hash per 32 entries.

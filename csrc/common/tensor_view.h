@@ -29,6 +29,14 @@ struct TensorView {
     for (int64_t s : shape) n *= s;
     return n;
   }
+  bool is_contiguous() const {
+    int64_t expected = 1;
+    for (int64_t i = dim() - 1; i >= 0; --i) {
+      if (size(i) > 1 && stride(i) != expected) return false;
+      expected *= size(i);
+    }
+    return true;
+  }
   template <class T>
   T* data() const { return reinterpret_cast<T*>(ptr); }
 };

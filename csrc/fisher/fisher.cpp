@@ -17,11 +17,7 @@ void check_out(const TensorView& out, const std::vector<int64_t>& shape, const T
   require(out.dtype == DType::Float32 && out.shape == shape && out.device == like.device,
           "out must be float32 " + shape_string(TensorView{0, shape, {}}) + " on the inputs' device; got " +
               shape_string(out));
-  int64_t expected = 1;
-  for (int64_t i = out.dim() - 1; i >= 0; --i) {
-    require(out.size(i) <= 1 || out.stride(i) == expected, "out must be contiguous");
-    expected *= out.size(i);
-  }
+  require(out.is_contiguous(), "out must be contiguous");
 }
 
 template <class CpuFn, class CudaFn>

@@ -26,10 +26,7 @@ template <bool kSquare>
 void micro_kernel(const float* __restrict gp, const float* __restrict ap, const int32_t* __restrict segments,
                   int64_t num_segments, float* __restrict c, int64_t ldc) {
   vfloat acc[kMR][kNV];
-#pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) acc[r][v] = load_unaligned(c + r * ldc + v * kVecWidth);
+  load_tile(acc, c, ldc);
 
   for (int64_t s = 0; s < num_segments; ++s) {
     const int32_t length = segments[s];
@@ -79,20 +76,7 @@ void micro_kernel(const float* __restrict gp, const float* __restrict ap, const 
     }
   }
 
-#pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) store_unaligned(c + r * ldc + v * kVecWidth, acc[r][v]);
-}
-
-template <bool kSquare>
-void tile(const float* gp, const float* ap, const int32_t* segments, int64_t num_segments, float* out, int64_t ldc,
-          int64_t rows, int64_t cols) {
-  if (rows == kMR && cols == kNR) return micro_kernel<kSquare>(gp, ap, segments, num_segments, out, ldc);
-  alignas(64) float edge[kMR * kNR] = {};
-  for (int64_t r = 0; r < rows; ++r) std::copy(out + r * ldc, out + r * ldc + cols, edge + r * kNR);
-  micro_kernel<kSquare>(gp, ap, segments, num_segments, edge, kNR);
-  for (int64_t r = 0; r < rows; ++r) std::copy(edge + r * kNR, edge + r * kNR + cols, out + r * ldc);
+  store_tile(acc, c, ldc);
 }
 
 // Consecutive examples packed and multiplied together; tokens = their summed valid lengths.
@@ -223,11 +207,13 @@ void fisher_linear_cpu(const TensorView& A, const TensorView& G, const TensorVie
           const float* ap = packed_a + q * block.tokens * kNR;
           const int64_t rows = std::min<int64_t>(kMR, out_features - p * kMR);
           const int64_t cols = std::min<int64_t>(kNR, in_features - q * kNR);
-          float* c = out + p * kMR * in_features + q * kNR;
-          if (square_inputs)
-            tile<false>(gp, ap, segments, num_segments, c, in_features, rows, cols);
-          else
-            tile<true>(gp, ap, segments, num_segments, c, in_features, rows, cols);
+          on_tile<kMR, kNR>(out + p * kMR * in_features + q * kNR, in_features, rows, cols,
+                            [&](float* c, int64_t ldc) {
+                              if (square_inputs)
+                                micro_kernel<false>(gp, ap, segments, num_segments, c, ldc);
+                              else
+                                micro_kernel<true>(gp, ap, segments, num_segments, c, ldc);
+                            });
         }
       }
     }

@@ -8,11 +8,7 @@ namespace {
 void require_cpu_float_out(const TensorView& out, int64_t rank) {
   require(out.dim() == rank && out.dtype == DType::Float32, "out must be a float32 tensor of rank " +
                                                                 std::to_string(rank) + "; got " + shape_string(out));
-  int64_t expected = 1;
-  for (int64_t i = out.dim() - 1; i >= 0; --i) {
-    require(out.size(i) <= 1 || out.stride(i) == expected, "out must be contiguous");
-    expected *= out.size(i);
-  }
+  require(out.is_contiguous(), "out must be contiguous");
   require(out.device == DeviceType::CPU, "the native sketch kernels run on the CPU; CUDA tensors take the torch path");
 }
 

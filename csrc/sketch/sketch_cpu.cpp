@@ -50,10 +50,7 @@ void generate_tile(const SketchParams& params, int64_t r0, uint64_t column0, int
 void dense_micro_kernel(const float* __restrict xp, const float* __restrict st, int64_t columns, float* out,
                         int64_t ldo) {
   vfloat acc[kExamples][kRowVectors];
-#pragma GCC unroll 16
-  for (int n = 0; n < kExamples; ++n)
-#pragma GCC unroll 4
-    for (int v = 0; v < kRowVectors; ++v) acc[n][v] = load_unaligned(out + n * ldo + v * kVecWidth);
+  load_tile(acc, out, ldo);
   for (int64_t c = 0; c < columns; ++c) {
     vfloat s[kRowVectors];
 #pragma GCC unroll 4
@@ -65,10 +62,7 @@ void dense_micro_kernel(const float* __restrict xp, const float* __restrict st, 
       for (int v = 0; v < kRowVectors; ++v) acc[n][v] += x * s[v];
     }
   }
-#pragma GCC unroll 16
-  for (int n = 0; n < kExamples; ++n)
-#pragma GCC unroll 4
-    for (int v = 0; v < kRowVectors; ++v) store_unaligned(out + n * ldo + v * kVecWidth, acc[n][v]);
+  store_tile(acc, out, ldo);
 }
 
 template <class Src>
@@ -126,7 +120,6 @@ void sketch_dense_cpu(const TensorView& X, const TensorView& out_view, const Ske
   {
     auto xp = aligned_buffer<float>(example_blocks * kTileColumns * kExamples);
     auto st = aligned_buffer<float>(kTileColumns * kRows);
-    alignas(64) float edge[kExamples * kRows];
     const int threads = omp_get_num_threads(), me = omp_get_thread_num();
     const int64_t first_block = row_blocks * me / threads, last_block = row_blocks * (me + 1) / threads;
     for (int64_t tile = 0; tile < tiles && first_block < last_block; ++tile) {
@@ -142,15 +135,9 @@ void sketch_dense_cpu(const TensorView& X, const TensorView& out_view, const Ske
         for (int64_t eb = 0; eb < example_blocks; ++eb) {
           const int64_t n0 = eb * kExamples, examples = std::min<int64_t>(kExamples, N - n0);
           const float* block = xp.get() + eb * kTileColumns * kExamples;
-          float* target = out + n0 * k + r0;
-          if (rows == kRows && examples == kExamples) {
-            dense_micro_kernel(block, st.get(), columns, target, k);
-            continue;
-          }
-          std::fill(edge, edge + kExamples * kRows, 0.0f);
-          for (int64_t n = 0; n < examples; ++n) std::copy(target + n * k, target + n * k + rows, edge + n * kRows);
-          dense_micro_kernel(block, st.get(), columns, edge, kRows);
-          for (int64_t n = 0; n < examples; ++n) std::copy(edge + n * kRows, edge + n * kRows + rows, target + n * k);
+          on_tile<kExamples, kRows>(out + n0 * k + r0, k, examples, rows, [&](float* target, int64_t ld) {
+            dense_micro_kernel(block, st.get(), columns, target, ld);
+          });
         }
       }
     }

@@ -284,8 +284,7 @@ def sketch_linear(A: Tensor, G: Tensor, *, k_out: int, k_in: int, seed: int, len
     A, G = _factors(A, G)
     _check_sketch_args(seed, dist, k_out=k_out, k_in=k_in)
     lengths = check.lengths(lengths, A.shape[0], A.device)
-    if lengths is not None:
-        check.lengths_values(lengths, A.shape[1])
+    check.lengths_values(lengths, A.shape[1])
     S_out = projection_matrix(k_out, G.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_OUT).to(A.device)
     S_in = projection_matrix(k_in, A.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_IN).to(A.device)
     return reference.kronecker_from_projections(A, G, S_out, S_in, lengths)
@@ -315,8 +314,7 @@ def count_sketch_linear(A: Tensor, G: Tensor, *, k: int, seed: int, lengths: Opt
     A, G = _factors(A, G)
     _check_sketch_args(seed, "rademacher", k=k)
     lengths = check.lengths(lengths, A.shape[0], A.device)
-    if lengths is not None:
-        check.lengths_values(lengths, A.shape[1])
+    check.lengths_values(lengths, A.shape[1])
     count_g = _count_sketch(G, k, seed, STREAM_COUNT_OUT, lengths)
     count_a = _count_sketch(A, k, seed, STREAM_COUNT_IN, lengths)
     return reference.tensor_sketch_from_counts(count_g, count_a, k)

@@ -34,6 +34,12 @@ def _valid_mask(lengths: Optional[Tensor], N: int, T: int, device) -> Optional[T
     return torch.arange(T, device=device)[None, :] < lengths.to(device)[:, None]
 
 
+def _masked_rows(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """Zeroes rows t >= L_n (with where, so padding holding NaN or inf cannot leak)."""
+    mask = _valid_mask(lengths, x.shape[0], x.shape[1], x.device)
+    return x if mask is None else torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def fisher_linear(A: Tensor, G: Tensor, *, lengths: Optional[Tensor] = None, weights: Optional[Tensor] = None,
                   out: Optional[Tensor] = None) -> Tensor:
     """sum_n w_n (G_n[:L_n]^T A_n[:L_n])^2 -> [out, in]. A: [N, T, in] or [N, in]; G: [N, T, out] or [N, out].
@@ -70,10 +76,8 @@ def fisher_linear_bias(G: Tensor, *, lengths: Optional[Tensor] = None, weights: 
     if G.dim() == 2:
         G = G.unsqueeze(1)
     dtype = _compute_dtype(G)
-    N, T = G.shape[:2]
-    mask = _valid_mask(lengths, N, T, G.device)
-    G = G.to(dtype)
-    sums = G.sum(1) if mask is None else (G * mask[..., None]).sum(1)
+    N = G.shape[0]
+    sums = _masked_rows(G.to(dtype), lengths).sum(1)
     w = torch.ones(N, dtype=dtype, device=G.device) if weights is None else weights.to(dtype)
     return _finish(sums.square().T @ w, out)
 
@@ -179,12 +183,6 @@ def sketch_dense(X: Tensor, *, k: int, seed: int, offset: int = 0, dist: str = "
                               dtype=dtype)
         out.addmm_(X[:, start:stop].to(dtype), S.T)
     return out
-
-
-def _masked_rows(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
-    """Zeroes rows t >= L_n (with where, so padding holding NaN or inf cannot leak)."""
-    mask = _valid_mask(lengths, x.shape[0], x.shape[1], x.device)
-    return x if mask is None else torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def sketch_linear(A: Tensor, G: Tensor, *, k_out: int, k_in: int, seed: int, lengths: Optional[Tensor] = None,
