@@ -2,11 +2,14 @@
 
 The native core (decomp._C) holds the hot kernels; ``decomp.ops`` exposes them as torch operators and
 ``decomp.reference`` holds their pure-PyTorch counterparts (the test oracle and benchmark baseline).
+``decomp.compute_fisher`` and ``decomp.sketch_gradients`` run them over a Hugging Face model and a dataset.
 """
 
 from . import ops, reference
 from ._native import build_info
+from .capture import coverage
+from .fisher import Fisher, compute_fisher
 
 __version__ = build_info()["version"]
 
-__all__ = ["ops", "reference", "build_info", "__version__"]
+__all__ = ["ops", "reference", "build_info", "__version__", "coverage", "Fisher", "compute_fisher"]

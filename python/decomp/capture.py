@@ -1,0 +1,415 @@
+"""Per-example gradients from layer factors: hooks that capture each layer's inputs and output gradients.
+
+Every trainable parameter gets a rule. The fast rules read a layer's per-example factors from forward and
+tensor hooks, so per-example gradients are never formed and, with the parameters frozen, autograd skips the
+weight-gradient GEMMs altogether:
+
+  linear     nn.Linear weight [out, in]:          g_n = sum_t G_t A_t^T   (left G [N, T, out], right A [N, T, in])
+  conv1d     transformers' Conv1D weight [in, out]: g_n = sum_t A_t G_t^T
+  embedding  nn.Embedding weight [V, d]:           g_n = sum_t e_{id_t} G_t^T (only the rows of the ids)
+  norm       LayerNorm / RMSNorm weight [d]:       g_n = sum_t G_t * xhat_t, xhat = f(w=1, b=0) - f(w=0, b=0)
+  bias       any of these modules' bias [d]:       g_n = sum_t G_t
+  fallback   anything else: exact per-example autograd (slow; reported by decomp.coverage)
+
+A parameter used several times (tied embeddings, shared layers) gets the sum of its uses *before* anything is
+squared. Padding (attention_mask) is excluded through each example's length, or masked when not a suffix.
+On the first batch an audit compares the rules with autograd on one example; a parameter whose rule does not
+reproduce autograd (an unseen functional use, a module whose forward is not what its class suggests) is moved
+to the exact fallback, so every parameter is covered exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import hf
+
+RULES = ("linear", "conv1d", "embedding", "norm", "bias", "fallback")
+AUDIT_TOLERANCE = 1e-3   # relative; float32 rounding gives ~1e-6, a missed use O(1)
+
+
+@dataclass
+class Contribution:
+    """One use of a matrix parameter in one backward pass: its per-example gradient is sum_t left_t right_t^T.
+
+    kind "outer": left [N, T, a], right [N, T, b]. kind "embedding": left holds ids [N, T] (one-hot rows of a V x
+    V identity), right [N, T, d]. lengths [N] marks the valid prefix of each example (None: all T)."""
+    kind: str
+    left: Tensor
+    right: Tensor
+    lengths: Optional[Tensor]
+
+
+def _is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def _is_norm(module) -> bool:
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    return (isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
+            or name.endswith(("LayerNorm", "RMSNorm"))) and isinstance(weight, Tensor) and weight.dim() == 1
+
+
+def module_rule(module, role: str) -> Optional[str]:
+    """The fast rule for parameter `role` ('weight', 'bias') owned directly by `module`, or None."""
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
+        return {"weight": "conv1d" if _is_conv1d(module) else "linear", "bias": "bias"}.get(role)
+    if isinstance(module, nn.Embedding):
+        plain = module.max_norm is None and not module.scale_grad_by_freq
+        return "embedding" if role == "weight" and plain else None
+    if _is_norm(module):
+        return {"weight": "norm", "bias": "bias"}.get(role)
+    return None
+
+
+def masked_rows(t: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """t [N, T, ...] with rows t >= lengths[n] set to zero."""
+    if lengths is None:
+        return t
+    keep = torch.arange(t.shape[1], device=t.device)[None, :] < lengths[:, None]
+    return torch.where(keep.view(*keep.shape, *([1] * (t.dim() - 2))), t, torch.zeros((), dtype=t.dtype,
+                                                                                        device=t.device))
+
+
+def materialize(contribution: Contribution, shape: torch.Size) -> Tensor:
+    """The per-example gradients [N, a, b] of one contribution (for audits, tests and small parameters)."""
+    right = masked_rows(contribution.right.float(), contribution.lengths)
+    if contribution.kind == "outer":
+        return torch.bmm(contribution.left.float().transpose(1, 2), right)
+    N = right.shape[0]
+    grads = right.new_zeros(N, *shape)
+    for n in range(N):
+        grads[n].index_add_(0, contribution.left[n], right[n])
+    return grads
+
+
+class GradientCapture:
+    """Rules, hooks and the per-batch driver shared by compute_fisher, sketch_gradients and collect passes.
+
+    A consumer receives, per backward pass, ``matrix(name, contributions)`` for linear/conv1d/embedding
+    parameters, ``vector(name, g [N, numel])`` for norm and bias parameters, and ``fallback(name, row, g)`` for
+    each example of a fallback parameter."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.task = hf.task_of(model)
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("model has no trainable parameters (requires_grad=True): nothing to compute")
+        self.names = {id(p): name for name, p in self.params.items()}
+        self.rules: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
+        owners: dict[str, list] = {name: [] for name in self.params}
+        for module in model.modules():
+            for role, p in module.named_parameters(recurse=False):
+                if id(p) in self.names:
+                    owners[self.names[id(p)]].append((module, role, module_rule(module, role)))
+        for name, uses in owners.items():
+            missing = [type(m).__name__ for m, _, rule in uses if rule is None]
+            found = {rule for _, _, rule in uses if rule is not None}
+            if uses and not missing:
+                self.rules[name] = "+".join(sorted(found))
+            else:
+                self.rules[name] = "fallback"
+                self.reasons[name] = f"no rule for {', '.join(missing) or 'a parameter used outside modules'}"
+        self.modules = [m for m in model.modules() if any(
+            module_rule(m, role) and id(p) in self.names for role, p in m.named_parameters(recurse=False))]
+        self.encoder = hf.encoder_modules(model)
+        self.audited = False
+        self._batch: Optional[dict] = None
+        self._busy = False
+
+    # ---- coverage ----------------------------------------------------------------------------------------
+
+    def coverage(self) -> dict[str, str]:
+        """Parameter name -> rule ('linear', 'conv1d', 'embedding', 'norm', 'bias', tied uses joined by '+',
+        or 'fallback: <reason>')."""
+        return {name: rule if rule != "fallback" else f"fallback: {self.reasons[name]}"
+                for name, rule in self.rules.items()}
+
+    @property
+    def fallback_names(self) -> list[str]:
+        return [name for name, rule in self.rules.items() if rule == "fallback"]
+
+    def _ruled(self, module) -> list[tuple[str, str, Tensor]]:
+        """(name, role, parameter) of the module's parameters that a fast rule still covers."""
+        found = []
+        for role, p in module.named_parameters(recurse=False):
+            name = self.names.get(id(p))
+            if name is not None and self.rules[name] != "fallback":
+                found.append((name, role, p))
+        return found
+
+    def _demote(self, names, reason: str) -> None:
+        if not self.audited:
+            for name in names:
+                self.rules[name] = "fallback"
+                self.reasons[name] = reason
+            return
+        raise RuntimeError(f"decomp's rule for {', '.join(names)} does not fit this batch ({reason}); it fit the "
+                           f"first batch. Please report this model type.")
+
+    # ---- hooks -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def attached(self):
+        """Eval mode, parameters frozen (no weight-gradient GEMMs) and hooks on; all restored on exit."""
+        was_training = self.model.training
+        frozen = [p for p in self.params.values()]
+        handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
+        self.model.eval()
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+            self.model.train(was_training)
+            self._batch = None
+
+    def _mask_for(self, module, T: int):
+        masks = self._batch["masks"]
+        key = "encoder" if id(module) in self.encoder else "decoder"
+        found = masks.get(key)
+        if found is None or found[0].shape[1] != T:
+            return None
+        return found
+
+    def _forward_hook(self, module, args, output):
+        batch = self._batch
+        if batch is None or self._busy or not isinstance(output, Tensor):
+            return None
+        ruled = self._ruled(module)
+        if not ruled or not args or not isinstance(args[0], Tensor):
+            return None
+        x, N = args[0], batch["N"]
+        replaced = None
+        if isinstance(module, nn.Embedding) and x.dim() >= 2 and x.shape[0] == 1 and N > 1:
+            # broadcast ids (position ids [1, T]): expand so that the gradient arrives per example
+            x = x.expand(N, *x.shape[1:])
+            output = replaced = output.expand(N, *output.shape[1:])
+        if x.shape[0] != N or output.shape[0] != N:
+            self._demote([name for name, _, _ in ruled],
+                         f"{type(module).__name__} input {list(x.shape)} has no batch dimension of {N}")
+            return replaced
+        if not output.requires_grad:
+            output = output if replaced is not None else output.detach()
+            output.requires_grad_(True)
+            replaced = output
+        seq = x.reshape(N, -1) if isinstance(module, nn.Embedding) else x.reshape(N, -1, x.shape[-1])
+        mask = self._mask_for(module, seq.shape[1]) if x.dim() == (2 if isinstance(module, nn.Embedding) else 3) \
+            else None
+        xhat = self._normalized(module, x).reshape(seq.shape) if _is_norm(module) else None
+        for name, _, _ in ruled:
+            batch["uses"][name] = batch["uses"].get(name, 0) + 1
+        output.register_hook(lambda g: self._deliver(module, ruled, seq, xhat, mask, g))
+        return replaced
+
+    def _normalized(self, module, x: Tensor) -> Tensor:
+        """d output / d weight of an elementwise-affine norm: f(w=1, b=0) - f(w=0, b=0), exact for any
+        norm of the form w * h(x) + c(x) (LayerNorm, RMSNorm, T5's, Gemma's 1 + w)."""
+        self._busy = True
+        try:
+            with torch.no_grad():
+                weight = module.weight
+                overrides = {"bias": torch.zeros_like(module.bias)} if getattr(module, "bias", None) is not None \
+                    else {}
+                one = torch.func.functional_call(module, {"weight": torch.ones_like(weight), **overrides}, (x,))
+                zero = torch.func.functional_call(module, {"weight": torch.zeros_like(weight), **overrides}, (x,))
+            return one - zero
+        finally:
+            self._busy = False
+
+    def _deliver(self, module, ruled, seq: Tensor, xhat, mask, g: Tensor) -> None:
+        batch = self._batch
+        N = batch["N"]
+        lengths = None
+        if mask is not None:
+            bool_mask, lengths = mask
+            if lengths is None:  # not a prefix: zero the gradient at padding, which keeps every product exact
+                g = torch.where(bool_mask.view(N, -1, *([1] * (g.dim() - 2))), g, torch.zeros((), dtype=g.dtype,
+                                                                                              device=g.device))
+        embedding = isinstance(module, nn.Embedding)
+        g = g.reshape(N, -1, g.shape[-1])
+        if embedding and module.padding_idx is not None:  # autograd leaves the padding row's gradient at zero
+            g = torch.where((seq == module.padding_idx)[..., None], torch.zeros((), dtype=g.dtype, device=g.device), g)
+        for name, role, _ in ruled:
+            rule = module_rule(module, role)
+            if rule == "linear":
+                item = Contribution("outer", g, seq, lengths)
+            elif rule == "conv1d":
+                item = Contribution("outer", seq, g, lengths)
+            elif rule == "embedding":
+                item = Contribution("embedding", seq, g, lengths)
+            else:
+                values = g.float() if rule == "bias" else g.float() * xhat.float()
+                item = masked_rows(values, lengths).sum(1)
+            self._receive(name, item)
+
+    def _receive(self, name: str, item) -> None:
+        batch = self._batch
+        pending = batch["pending"].setdefault(name, [])
+        pending.append(item)
+        if len(pending) == batch["uses"][name]:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        items = self._batch["pending"].pop(name)
+        if isinstance(items[0], Contribution):
+            self._consumer.matrix(name, items)
+        else:
+            self._consumer.vector(name, torch.stack(items).sum(0) if len(items) > 1 else items[0])
+
+    # ---- driver ------------------------------------------------------------------------------------------
+
+    def _masks(self, inputs: dict) -> dict:
+        masks = {}
+        for key, source in (("encoder", "attention_mask"), ("decoder", "decoder_attention_mask")):
+            mask = inputs.get(source)
+            if mask is not None:
+                mask = mask.bool()
+                masks[key] = (mask, mask.sum(1)) if hf.is_prefix(mask) else (mask, None)
+        return masks
+
+    def run(self, batch: dict, indices: Tensor, term_fn: Callable, consumer) -> list[Tensor]:
+        """One batch: forward with hooks, one backward per term (each delivered to the consumer), then the
+        fallback parameters example by example. Returns the terms (detached). Must run inside attached()."""
+        device = next(iter(self.params.values())).device
+        if not self.audited:
+            self._audit(batch, indices, term_fn)
+        inputs = hf.model_inputs(self.model, batch, device)
+        N = inputs["input_ids"].shape[0] if "input_ids" in inputs else len(indices)
+        self._batch = {"N": N, "masks": self._masks(inputs), "uses": {}, "pending": {}}
+        self._consumer = consumer
+        try:
+            logits = self.model(**inputs).logits
+            terms = term_fn(logits, batch, indices)
+            _check_finite(terms, indices)
+            for j, term in enumerate(terms):
+                self._batch["pending"] = {}
+                if term.requires_grad:
+                    term.sum().backward(retain_graph=j + 1 < len(terms))
+                for name in list(self._batch["pending"]):
+                    self._flush(name)
+        finally:
+            self._batch = None
+        if self.fallback_names:
+            self._fallback(batch, indices, term_fn, consumer, device)
+        return [t.detach() for t in terms]
+
+    def _fallback(self, batch, indices, term_fn, consumer, device) -> None:
+        names = self.fallback_names
+        params = [self.params[name] for name in names]
+        N = len(indices)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for n in range(N):
+                single = {k: v[n:n + 1] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == N else v
+                          for k, v in batch.items()}
+                logits = self.model(**hf.model_inputs(self.model, single, device)).logits
+                terms = term_fn(logits, single, indices[n:n + 1])
+                for j, term in enumerate(terms):
+                    grads = torch.autograd.grad(term.sum(), params, retain_graph=j + 1 < len(terms), allow_unused=True)
+                    for name, p, grad in zip(names, params, grads):
+                        consumer.fallback(name, n, torch.zeros_like(p) if grad is None else grad)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+
+    def _audit(self, batch, indices, term_fn) -> None:
+        """Rules against autograd on the first example: mismatching parameters move to the fallback."""
+        self.audited = False
+        single = {k: v[:1] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+        recorder = _Recorder(self)
+        device = next(iter(self.params.values())).device
+        terms_index = indices[:1]
+        # first pass with the rules (this may already demote modules whose inputs have no batch dimension)
+        inputs = hf.model_inputs(self.model, single, device)
+        self._batch = {"N": 1, "masks": self._masks(inputs), "uses": {}, "pending": {}}
+        self._consumer = recorder
+        try:
+            term = term_fn(self.model(**inputs).logits, single, terms_index)[0]
+            _check_finite([term], terms_index)
+            if term.requires_grad:
+                term.sum().backward()
+            for name in list(self._batch["pending"]):
+                self._flush(name)
+        finally:
+            self._batch = None
+        params = list(self.params.values())
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            term = term_fn(self.model(**inputs).logits, single, terms_index)[0]
+            expected = torch.autograd.grad(term.sum(), params, allow_unused=True)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+        for (name, p), grad in zip(self.params.items(), expected):
+            if self.rules[name] == "fallback":
+                continue
+            grad = torch.zeros_like(p) if grad is None else grad
+            got = recorder.grads.get(name)
+            got = torch.zeros_like(grad, dtype=torch.float32) if got is None else got[0].reshape(grad.shape)
+            error = (got - grad.float()).norm()
+            scale = grad.float().norm() + got.norm()
+            if not bool(torch.isfinite(error)) or error > AUDIT_TOLERANCE * scale + 1e-30:
+                self.reasons[name] = (f"audit: the {self.rules[name]} rule missed part of its gradient "
+                                      f"(relative error {float(error / scale.clamp(min=1e-30)):.2g})")
+                self.rules[name] = "fallback"
+        self.audited = True
+
+
+class _Recorder:
+    """A consumer that materialises per-example gradients (the audit's, and small tests')."""
+
+    def __init__(self, capture: GradientCapture):
+        self.capture = capture
+        self.grads: dict[str, Tensor] = {}
+
+    def matrix(self, name, contributions):
+        shape = self.capture.params[name].shape
+        self.grads[name] = sum(materialize(c, shape) for c in contributions)
+
+    def vector(self, name, g):
+        self.grads[name] = g
+
+    def fallback(self, name, row, g):  # pragma: no cover - the audit skips fallback parameters
+        pass
+
+
+def _check_finite(terms: list[Tensor], indices: Tensor) -> None:
+    for term in terms:
+        bad = ~torch.isfinite(term.detach())
+        if bool(bad.any()):
+            example = int(indices[bad.nonzero()[0, 0].cpu()])
+            raise FloatingPointError(f"the output is not finite for example {example} (value "
+                                     f"{float(term.detach()[bad][0])}); nothing was written for its batch")
+
+
+def coverage(model: nn.Module, data=None, **batch_options) -> dict[str, str]:
+    """Which rule covers each trainable parameter of `model` (see this module's docstring).
+
+    Without data the report is static (from module types); with data (anything ``compute_fisher`` accepts) the
+    first example is also audited against autograd, which may move parameters to the exact fallback."""
+    capture = GradientCapture(model)
+    if data is not None:
+        indices, batch = next(hf.batches(data, batch_size=1, **batch_options))
+        with capture.attached():
+            capture._audit(batch, indices, lambda logits, b, i: _audit_terms(capture.task, logits, b, i))
+    return capture.coverage()
+
+
+def _audit_terms(task, logits, batch, indices):
+    from .outputs import terms
+    return terms(task, logits, batch, indices, output="predicted")

@@ -1,0 +1,169 @@
+"""The diagonal Fisher of a model over a dataset: decomp.compute_fisher and decomp.Fisher.
+
+F = (1/N) sum_n E_y[(grad log p(y | x_n))^2], always the square of a *per-example* gradient (squaring a
+batch-summed gradient is a different, wrong quantity). Linear and embedding layers go through the fused native
+kernels (decomp.ops.fisher_linear, fisher_embedding), which never form per-example gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import hf, ops
+from .capture import Contribution, GradientCapture, masked_rows
+from .outputs import fisher_terms
+
+FORMAT = "decomp.fisher/1"
+
+
+class Fisher(Mapping):
+    """Parameter name (as in ``model.named_parameters()``) -> diagonal Fisher tensor (float32, the parameter's
+    shape), the **mean** over examples. ``.kind``, ``.num_examples``, ``.model``, ``.coverage`` describe it."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], *, kind: str, num_examples: int, model: str = "",
+                 coverage: Optional[Mapping[str, str]] = None, extra: Optional[Mapping] = None):
+        self._tensors = dict(tensors)
+        self.kind = kind
+        self.num_examples = int(num_examples)
+        self.model = model
+        self.coverage = dict(coverage or {})
+        self.extra = dict(extra or {})
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        total = sum(t.numel() for t in self._tensors.values())
+        return (f"Fisher(kind={self.kind!r}, num_examples={self.num_examples}, model={self.model!r}, "
+                f"{len(self)} tensors, {total:,} entries)")
+
+    def metadata(self) -> dict:
+        return {"format": FORMAT, "kind": self.kind, "num_examples": self.num_examples, "model": self.model,
+                "coverage": self.coverage, **self.extra}
+
+    def save(self, path) -> Path:
+        """Writes a safetensors file (metadata: kind, num_examples, model, coverage) atomically: a failed save
+        leaves no partial file at `path`."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self._tensors.items()}
+        save_file(tensors, str(partial), metadata={"format": "pt", "decomp": json.dumps(self.metadata())})
+        os.replace(partial, path)
+        return path
+
+    @classmethod
+    def load(cls, path, device=None) -> "Fisher":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = (handle.metadata() or {}).get("decomp")
+            if raw is None:
+                raise ValueError(f"{path} is a safetensors file without decomp's Fisher metadata")
+            meta = json.loads(raw)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} holds {meta.get('format')!r}, expected {FORMAT!r}")
+        if device is not None:
+            tensors = {name: t.to(device) for name, t in tensors.items()}
+        known = ("format", "kind", "num_examples", "model", "coverage")
+        return cls(tensors, kind=meta["kind"], num_examples=meta["num_examples"], model=meta.get("model", ""),
+                   coverage=meta.get("coverage"), extra={k: v for k, v in meta.items() if k not in known})
+
+
+class _FisherSums:
+    """Consumer of GradientCapture: sums of squared per-example gradients, float32, in the parameters' shapes."""
+
+    def __init__(self, params: Mapping[str, Tensor]):
+        self.params = params
+        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+
+    def matrix(self, name: str, contributions: list[Contribution]) -> None:
+        out = self.sums[name]
+        if len(contributions) == 1:
+            c = contributions[0]
+            if c.kind == "outer":
+                left, right = c.left, c.right
+                if left.dtype != right.dtype:
+                    left, right = left.float(), right.float()
+                ops.fisher_linear(right, left, lengths=c.lengths, out=out)
+            else:
+                ops.fisher_embedding(c.left, c.right, out.shape[0], lengths=c.lengths, out=out)
+            return
+        # several uses of one parameter: their sum is one longer sequence of outer products, squared once
+        lefts, rights = [], []
+        for c in contributions:
+            left = c.left.float() if c.kind == "outer" else torch.nn.functional.one_hot(c.left, out.shape[0]).float()
+            lefts.append(left)
+            rights.append(masked_rows(c.right.float(), c.lengths))
+        ops.fisher_linear(torch.cat(rights, 1), torch.cat(lefts, 1), out=out)
+
+    def vector(self, name: str, g: Tensor) -> None:
+        self.sums[name] += g.float().square().sum(0).reshape(self.sums[name].shape)
+
+    def fallback(self, name: str, row: int, g: Tensor) -> None:
+        self.sums[name] += g.float().square()
+
+
+def compute_fisher(model, data, *, kind: str = "exact", batch_size: int = 32, max_examples: Optional[int] = None,
+                   progress: bool = True, tokenizer=None, text_column: Optional[str] = None,
+                   label_column: Optional[str] = None, max_length: Optional[int] = None, seed: int = 0) -> Fisher:
+    """The diagonal Fisher of every trainable parameter of `model`, averaged over the examples of `data`.
+
+    kind: "exact" (classification: the expectation over classes under the model, exactly, with C - 1 backward
+    passes per batch), "sampled" (one label drawn from the model per example, per token for language models;
+    seeded by `seed` and the example's index) or "empirical" (the gold labels).
+    data: a datasets.Dataset (tokenized, or with `text_column` and a `tokenizer`) or an iterable of batch dicts
+    with input_ids, attention_mask and (for empirical) labels. Padded batches give the per-example results of
+    unpadded examples. Returns a decomp.Fisher (float32, the mean over examples)."""
+    if kind not in ("exact", "sampled", "empirical"):
+        raise ValueError(f"kind must be 'exact', 'sampled' or 'empirical'; got {kind!r}")
+    capture = GradientCapture(model)
+    sums = _FisherSums(capture.params)
+    task = capture.task
+
+    def term_fn(logits, batch, indices):
+        return fisher_terms(task, logits, batch, indices, kind=kind, seed=seed)
+
+    examples = 0
+    stream = hf.batches(data, batch_size=batch_size, tokenizer=tokenizer, text_column=text_column,
+                        label_column=label_column, max_length=max_length, max_examples=max_examples)
+    with capture.attached(), tqdm(total=_total(data, max_examples), disable=not progress, unit="ex",
+                                  desc=f"Fisher ({kind})") as bar:
+        for indices, batch in stream:
+            capture.run(batch, indices, term_fn, sums)
+            examples += len(indices)
+            bar.update(len(indices))
+    if examples == 0:
+        raise ValueError("data has no examples: the Fisher is a mean over examples")
+    return Fisher({name: total / examples for name, total in sums.sums.items()}, kind=kind, num_examples=examples,
+                  model=model_name(model), coverage=capture.coverage(), extra={"seed": seed} if kind == "sampled"
+                  else None)
+
+
+def model_name(model) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+
+
+def _total(data, max_examples) -> Optional[int]:
+    try:
+        total = len(data)
+    except TypeError:
+        return max_examples
+    if not hf._is_dataset(data):
+        return max_examples
+    return total if max_examples is None else min(total, max_examples)

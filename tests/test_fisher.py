@@ -1,0 +1,117 @@
+"""compute_fisher against a per-example autograd loop (batch size 1, float64, unpadded) on tiny models."""
+
+import pytest
+import torch
+
+import decomp
+from models import float64_copy, padded_batch, per_example_grads, tiny
+
+LENGTHS = [5, 3, 7, 1]
+# float32 forward/backward against float64 gives ~1e-6 relative; a dropped use or a wrong rule gives O(1).
+RELATIVE = 1e-5
+# gradients that are exactly zero in exact arithmetic (a key bias, under softmax's shift invariance) come out as
+# float32 cancellation noise, ~(u * sum|G|)^2 ~ 1e-14 of the largest entries: the floor below is far above it
+# and far below any real error.
+FLOOR = 1e-9
+
+
+def reference_fisher(model, batch, kind, seed=0):
+    model64 = float64_copy(model)
+    N = batch["input_ids"].shape[0]
+    total = {name: torch.zeros_like(p) for name, p in model64.named_parameters()}
+    for n in range(N):
+        for weight, grads in per_example_grads(model64, batch, n, kind=kind, seed=seed):
+            for name, g in grads.items():
+                total[name] += weight * g * g
+    return {name: t / N for name, t in total.items()}
+
+
+def assert_fisher_close(fisher, expected):
+    assert set(fisher) == set(expected)
+    scale = max(float(t.abs().max()) for t in expected.values())
+    for name, ref in expected.items():
+        error = float((fisher[name].double() - ref).norm())
+        assert error <= RELATIVE * float(ref.norm()) + FLOOR * scale * ref.numel() ** 0.5, \
+            f"{name}: error {error:.3g}, reference norm {float(ref.norm()):.3g}"
+
+
+CASES = [("bert", "exact"), ("bert", "empirical"), ("bert", "sampled"), ("gpt2", "empirical"), ("gpt2", "sampled"),
+         ("llama", "empirical"), ("llama", "sampled"), ("t5", "empirical"), ("t5", "sampled")]
+
+
+@pytest.mark.parametrize("kind,fisher_kind", CASES)
+def test_fisher_equals_per_example_autograd(kind, fisher_kind):
+    model = tiny(kind)
+    batch = padded_batch(kind, LENGTHS)
+    fisher = decomp.compute_fisher(model, [batch], kind=fisher_kind, progress=False)
+    assert fisher.num_examples == len(LENGTHS) and fisher.kind == fisher_kind
+    assert_fisher_close(fisher, reference_fisher(model, batch, fisher_kind))
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_left_padding_and_batch_split_give_the_same_fisher(kind):
+    model = tiny(kind)
+    right = padded_batch(kind, LENGTHS)
+    expected = reference_fisher(model, right, "empirical")
+    if kind != "bert":  # BERT pools position 0, so left padding changes its output; decoders pad either way
+        left = padded_batch(kind, LENGTHS, left=True)
+        for fisher_kind in ("empirical", "sampled"):
+            assert_fisher_close(decomp.compute_fisher(model, [left], kind=fisher_kind, progress=False),
+                                reference_fisher(model, right, fisher_kind))
+    halves = [{k: v[:2] for k, v in right.items()}, {k: v[2:] for k, v in right.items()}]
+    assert_fisher_close(decomp.compute_fisher(model, halves, kind="empirical", progress=False), expected)
+
+
+def test_coverage_names_every_parameter_and_its_rule():
+    gpt2 = decomp.coverage(tiny("gpt2"))
+    assert gpt2["transformer.wte.weight"] == "embedding+linear"      # tied with lm_head, summed before squaring
+    assert gpt2["transformer.h.0.attn.c_attn.weight"] == "conv1d"
+    assert gpt2["transformer.h.0.ln_1.weight"] == "norm" and gpt2["transformer.h.0.ln_1.bias"] == "bias"
+    llama = decomp.coverage(tiny("llama"))
+    assert llama["model.layers.0.input_layernorm.weight"] == "norm"
+    t5 = tiny("t5")
+    static = decomp.coverage(t5)
+    assert set(static) == {name for name, _ in t5.named_parameters()}
+    audited = decomp.coverage(t5, [padded_batch("t5", LENGTHS)])
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert static[bias] == "embedding" and audited[bias].startswith("fallback")  # its ids have no batch dimension
+    assert audited["shared.weight"] == "embedding+linear"
+
+
+def test_frozen_parameters_are_left_out_and_the_model_is_restored():
+    model = tiny("bert")
+    model.train()
+    model.bert.embeddings.requires_grad_(False)
+    fisher = decomp.compute_fisher(model, [padded_batch("bert", LENGTHS)], kind="empirical", progress=False)
+    assert not any(name.startswith("bert.embeddings") for name in fisher)
+    assert model.training and all(p.requires_grad == (not n.startswith("bert.embeddings"))
+                                  for n, p in model.named_parameters())
+
+
+def test_fisher_save_load_roundtrip(tmp_path):
+    model = tiny("bert")
+    fisher = decomp.compute_fisher(model, [padded_batch("bert", LENGTHS)], kind="exact", progress=False)
+    path = fisher.save(tmp_path / "fisher.safetensors")
+    loaded = decomp.Fisher.load(path)
+    assert loaded.kind == "exact" and loaded.num_examples == 4 and loaded.coverage == fisher.coverage
+    assert all(torch.equal(loaded[name], fisher[name]) for name in fisher)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_bad_input_gives_clear_errors():
+    model = tiny("bert")
+    batch = padded_batch("bert", LENGTHS)
+    with pytest.raises(ValueError, match="no examples"):
+        decomp.compute_fisher(model, [], progress=False)
+    unlabeled = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(ValueError, match="needs gold labels"):
+        decomp.compute_fisher(model, [unlabeled], kind="empirical", progress=False)
+    with pytest.raises(ValueError, match="kind must be"):
+        decomp.compute_fisher(model, [batch], kind="diagonal", progress=False)
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        decomp.compute_fisher(tiny("gpt2"), [padded_batch("gpt2", LENGTHS)], kind="exact", progress=False)
+    poisoned = tiny("bert")
+    with torch.no_grad():
+        poisoned.classifier.bias[1] = float("nan")
+    with pytest.raises(FloatingPointError, match="example 0"):
+        decomp.compute_fisher(poisoned, [batch], kind="empirical", progress=False)
