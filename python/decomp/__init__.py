@@ -9,7 +9,9 @@ from . import ops, reference
 from ._native import build_info
 from .capture import coverage
 from .fisher import Fisher, compute_fisher
+from .sketch import GradientSketch, sketch_gradients
 
 __version__ = build_info()["version"]
 
-__all__ = ["ops", "reference", "build_info", "__version__", "coverage", "Fisher", "compute_fisher"]
+__all__ = ["ops", "reference", "build_info", "__version__", "coverage", "Fisher", "compute_fisher", "GradientSketch",
+           "sketch_gradients"]

@@ -1,0 +1,232 @@
+"""Sketched per-example gradients: decomp.sketch_gradients and decomp.GradientSketch.
+
+Each example's gradient g_n (every trainable parameter) becomes a feature vector z_n with
+E[<z_n, z_m>] = <g_n, g_m>, built block by block, each block a pure function of (seed, parameter name):
+
+  kron    matrices with both sides >= 4x the sketch sides (Linear, Conv1D, embeddings): vec(S_a g S_b^T),
+          k_out x k_in entries, from the layer factors (for embeddings only the rows of the ids are touched);
+  vector  everything else (biases, norms, small heads, fallback parameters): their flattened gradients,
+          concatenated, through one dense JL sketch of k_vector rows;
+  then optionally a second dense sketch of the whole vector down to k entries.
+"""
+
+from __future__ import annotations
+
+import shutil
+import zlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import hf, ops
+from .capture import Contribution, GradientCapture, masked_rows, materialize
+from .fisher import _total, model_name
+from .outputs import OUTPUTS, terms as output_terms
+from .reference import STREAM_KRON_IN, STREAM_KRON_OUT, hash32
+from .store import RowStore, read_columns
+
+STREAM_DERIVE = 6   # the counter-based hash stream that derives per-block seeds
+KRON_MIN_RATIO = 4  # a side shorter than 4 x its sketch side goes to the dense vector block instead
+
+
+def derived_seed(seed: int, name: str) -> int:
+    """A seed for one block, a pure function of (seed, block name)."""
+    return int(hash32(seed, STREAM_DERIVE, torch.tensor(zlib.crc32(name.encode())), torch.tensor(0)))
+
+
+def sketch_layout(params: dict, *, seed: int, k_out: int, k_in: int, k_vector: int) -> list[dict]:
+    """The feature blocks, in named_parameters order: kron blocks first, then the vector block."""
+    blocks, start, offset = [], 0, 0
+    vector_members = []
+    for name, p in params.items():
+        if p.dim() == 2 and p.shape[0] >= KRON_MIN_RATIO * k_out and p.shape[1] >= KRON_MIN_RATIO * k_in:
+            blocks.append({"name": name, "kind": "kron", "start": start, "size": k_out * k_in,
+                           "shape": list(p.shape), "k_out": k_out, "k_in": k_in, "seed": derived_seed(seed, name)})
+            start += k_out * k_in
+        else:
+            vector_members.append({"name": name, "offset": offset, "shape": list(p.shape)})
+            offset += p.numel()
+    if vector_members:
+        blocks.append({"name": "vector", "kind": "vector", "start": start, "size": k_vector, "members": vector_members,
+                       "numel": offset, "seed": derived_seed(seed, "vector")})
+    return blocks
+
+
+class _SketchRows:
+    """Consumer of GradientCapture: the sketch rows of one batch."""
+
+    def __init__(self, params: dict, blocks: list[dict], device):
+        self.params = params
+        self.kron = {b["name"]: b for b in blocks if b["kind"] == "kron"}
+        self.vector_block = next((b for b in blocks if b["kind"] == "vector"), None)
+        self.members = {m["name"]: m for m in self.vector_block["members"]} if self.vector_block else {}
+        self.dim = sum(b["size"] for b in blocks)
+        self.device = device
+        self.projections = {}
+        for name, b in self.kron.items():
+            rows, cols = b["shape"]
+            self.projections[name] = (
+                ops.projection_matrix(b["k_out"], rows, seed=b["seed"], stream=STREAM_KRON_OUT).to(device),
+                ops.projection_matrix(b["k_in"], cols, seed=b["seed"], stream=STREAM_KRON_IN).to(device))
+
+    def begin(self, N: int) -> None:
+        self.z = torch.zeros(N, self.dim, dtype=torch.float32, device=self.device)
+        numel = self.vector_block["numel"] if self.vector_block else 0
+        self.flat = torch.zeros(N, numel, dtype=torch.float32, device=self.device)
+
+    def _block(self, name: str) -> Tensor:
+        b = self.kron[name]
+        return self.z[:, b["start"]:b["start"] + b["size"]]
+
+    def _flat(self, name: str) -> Tensor:
+        m = self.members[name]
+        return self.flat[:, m["offset"]:m["offset"] + self.params[name].numel()]
+
+    def matrix(self, name: str, contributions: list[Contribution]) -> None:
+        if name not in self.kron:
+            shape = self.params[name].shape
+            self._flat(name).add_(sum(materialize(c, shape) for c in contributions).reshape(self.z.shape[0], -1))
+            return
+        S_rows, S_cols = self.projections[name]
+        block = self._block(name)
+        for c in contributions:
+            if c.kind == "outer":
+                block += ops.reference.kronecker_from_projections(c.right, c.left, S_rows, S_cols, c.lengths)
+            else:  # the one-hot side projects to the columns of S_rows at the ids
+                projected_ids = S_rows.T[c.left]                                   # [N, T, k_out]
+                projected_g = masked_rows(c.right.float(), c.lengths) @ S_cols.T   # [N, T, k_in]
+                block += torch.bmm(projected_ids.transpose(1, 2), projected_g).reshape(block.shape)
+
+    def vector(self, name: str, g: Tensor) -> None:
+        self._flat(name).add_(g.reshape(g.shape[0], -1))
+
+    def fallback(self, name: str, row: int, g: Tensor) -> None:
+        if name in self.kron:
+            S_rows, S_cols = self.projections[name]
+            self._block(name)[row] += (S_rows @ g.float() @ S_cols.T).reshape(-1)
+        else:
+            self._flat(name)[row] += g.float().reshape(-1)
+
+    def finish(self) -> Tensor:
+        if self.vector_block is not None and self.flat.shape[0]:
+            b = self.vector_block
+            self.z[:, b["start"]:b["start"] + b["size"]] = ops.sketch_dense(self.flat, k=b["size"], seed=b["seed"])
+        return self.z
+
+
+class GradientSketch:
+    """Sketched per-example gradients: ``features`` [N, K] float32 (memory-mapped when read from a store),
+    ``indices`` [N] (position of each example in the data), ``labels`` [N] and ``predictions`` [N] (the model's
+    argmax; classification only, else None), ``blocks`` (the layout) and ``config``."""
+
+    def __init__(self, features: Tensor, indices: Tensor, labels: Optional[Tensor], predictions: Optional[Tensor],
+                 blocks: list, config: dict, coverage: Optional[dict] = None, path: Optional[Path] = None):
+        self.features, self.indices, self.labels, self.predictions = features, indices, labels, predictions
+        self.blocks, self.config, self.coverage, self.path = blocks, config, dict(coverage or {}), path
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __repr__(self) -> str:
+        where = f", path={str(self.path)!r}" if self.path else ""
+        return (f"GradientSketch({len(self)} examples x {self.features.shape[1]} features, "
+                f"output={self.config.get('output')!r}, seed={self.config.get('seed')}{where})")
+
+    def save(self, path) -> Path:
+        """Writes the sketch as a store directory (atomically: into a temporary sibling, then renamed)."""
+        path = Path(path)
+        if self.path is not None and path.resolve() == Path(self.path).resolve():
+            return path
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        store = RowStore(partial, self.config, self.features.shape[1], self.blocks)
+        store.append(self.features, self.indices, self.labels, self.predictions)
+        store.finish({"coverage": self.coverage})
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "GradientSketch":
+        meta, columns = read_columns(path)
+        if not meta.get("complete"):
+            raise ValueError(f"{path} holds an unfinished run ({meta['rows']} rows so far): call sketch_gradients "
+                             f"with store={str(path)!r} to resume it")
+        return cls._from(meta, columns, Path(path))
+
+    @classmethod
+    def _from(cls, meta, columns, path) -> "GradientSketch":
+        def known(t):
+            return None if t.numel() == 0 or bool((t == -1).all()) else t
+        return cls(columns["features"], columns["indices"], known(columns["labels"]), known(columns["predictions"]),
+                   meta["blocks"], meta["config"], meta.get("coverage"), path)
+
+
+def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "logprob", k_out: int = 8,
+                     k_in: int = 8, k_vector: int = 512, k: Optional[int] = None, batch_size: int = 32,
+                     max_examples: Optional[int] = None, progress: bool = True, tokenizer=None,
+                     text_column: Optional[str] = None, label_column: Optional[str] = None,
+                     max_length: Optional[int] = None, target: Optional[int] = None) -> GradientSketch:
+    """Sketches of every example's gradient of `output` (see decomp.outputs) w.r.t. every trainable parameter.
+
+    Defaults give MiniLM about 3,000 features: k_out x k_in = 8 x 8 per matrix, k_vector = 512 for the rest;
+    `k` adds a second dense sketch of the whole down to k. `seed` fixes every projection (and the draws of
+    output='sampled'). With `store` (a directory) rows are committed batch by batch: calling again after a kill
+    resumes and gives bit-identical features (same data order and batch size required, and checked)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+    for name, value in (("k_out", k_out), ("k_in", k_in), ("k_vector", k_vector), ("k", k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    capture = GradientCapture(model)
+    device = next(iter(capture.params.values())).device
+    blocks = sketch_layout(capture.params, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector)
+    rows = _SketchRows(capture.params, blocks, device)
+    config = {"model": model_name(model), "parameters": sum(p.numel() for p in capture.params.values()),
+              "output": output, "seed": seed, "k_out": k_out, "k_in": k_in, "k_vector": k_vector, "k": k,
+              "batch_size": batch_size, "target": target, "max_length": max_length}
+    dim = k if k is not None else rows.dim
+    writer = RowStore(store, config, dim, blocks) if store is not None else None
+    start = writer.rows if writer is not None else 0
+    current: dict = {}
+    task = capture.task
+
+    def term_fn(logits, batch, indices):
+        if task == "classification" and indices is current["indices"]:  # the batch's pass, not audit or fallback
+            current["predictions"] = logits.detach().argmax(-1)
+        return output_terms(task, logits, batch, indices, output=output, seed=seed, target=target)
+
+    parts = []
+    stream = hf.batches(data, batch_size=batch_size, tokenizer=tokenizer, text_column=text_column,
+                        label_column=label_column, max_length=max_length, start=start, max_examples=max_examples)
+    with capture.attached(), tqdm(total=_total(data, max_examples), initial=start, disable=not progress, unit="ex",
+                                  desc="Sketching gradients") as bar:
+        for indices, batch in stream:
+            current.update(indices=indices, predictions=None)
+            rows.begin(len(indices))
+            capture.run(batch, indices, term_fn, rows)
+            features = rows.finish()
+            if k is not None:
+                features = ops.sketch_dense(features, k=k, seed=derived_seed(seed, "second stage"))
+            labels = batch.get("labels") if task == "classification" else None
+            predicted = current["predictions"]
+            if writer is not None:
+                writer.append(features, indices, labels, predicted)
+            else:
+                parts.append((features.cpu(), indices, None if labels is None else labels.cpu(),
+                              None if predicted is None else predicted.cpu()))
+            bar.update(len(indices))
+    if writer is not None:
+        if writer.rows == 0:
+            raise ValueError("data has no examples to sketch")
+        writer.finish({"coverage": capture.coverage()})
+        return GradientSketch.load(store)
+    if not parts:
+        raise ValueError("data has no examples to sketch")
+    def column(i):
+        return None if parts[0][i] is None else torch.cat([p[i] for p in parts])
+    return GradientSketch(column(0), column(1), column(2), column(3), blocks, config, capture.coverage())
