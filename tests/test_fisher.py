@@ -115,3 +115,40 @@ def test_bad_input_gives_clear_errors():
         poisoned.classifier.bias[1] = float("nan")
     with pytest.raises(FloatingPointError, match="example 0"):
         decomp.compute_fisher(poisoned, [batch], kind="empirical", progress=False)
+
+
+class ToyForSequenceClassification(torch.nn.Module):
+    """Uses its embedding matrix a second time outside any module (a functional tie no hook sees)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"is_encoder_decoder": False, "_name_or_path": "toy"})()
+        self.embed = torch.nn.Embedding(11, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.embed(input_ids) * attention_mask[..., None]
+        pooled = hidden.sum(1) / attention_mask.sum(1, keepdim=True)
+        tied = torch.nn.functional.linear(pooled, self.embed.weight[:3, :])  # unseen use of embed.weight
+        return type("Output", (), {"logits": self.head(pooled) + tied})()
+
+
+def test_audit_moves_an_unseen_functional_use_to_the_exact_fallback():
+    torch.manual_seed(0)
+    model = ToyForSequenceClassification()
+    batch = {"input_ids": torch.randint(0, 11, (5, 4)), "attention_mask": torch.ones(5, 4, dtype=torch.long),
+             "labels": torch.randint(0, 3, (5,))}
+    batch["attention_mask"][2, 2:] = 0
+    fisher = decomp.compute_fisher(model, [batch], kind="empirical", progress=False)
+    assert fisher.coverage["embed.weight"].startswith("fallback: audit")
+    assert fisher.coverage["head.weight"] == "linear"
+    expected = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
+    model64 = ToyForSequenceClassification().double()
+    model64.load_state_dict(model.state_dict())
+    for n in range(5):
+        keep = batch["attention_mask"][n].bool()
+        logits = model64(batch["input_ids"][n:n + 1, keep], batch["attention_mask"][n:n + 1, keep]).logits
+        grads = torch.autograd.grad(logits.log_softmax(-1)[0, batch["labels"][n]], list(model64.parameters()))
+        for (name, _), g in zip(model64.named_parameters(), grads):
+            expected[name] += g * g / 5
+    assert_fisher_close(fisher, expected)

@@ -93,12 +93,14 @@ class _SketchRows:
         S_rows, S_cols = self.projections[name]
         block = self._block(name)
         for c in contributions:
+            # project first, then mask padding on the small [N, T, k] side: the layer factors are never copied
             if c.kind == "outer":
-                block += ops.reference.kronecker_from_projections(c.right, c.left, S_rows, S_cols, c.lengths)
+                projected_left = c.left.to(S_rows.dtype) @ S_rows.T              # [N, T, k_out]
             else:  # the one-hot side projects to the columns of S_rows at the ids
-                projected_ids = S_rows.T[c.left]                                   # [N, T, k_out]
-                projected_g = masked_rows(c.right.float(), c.lengths) @ S_cols.T   # [N, T, k_in]
-                block += torch.bmm(projected_ids.transpose(1, 2), projected_g).reshape(block.shape)
+                projected_left = S_rows.T[c.left]                                # [N, T, k_out]
+            projected_left = masked_rows(projected_left, c.lengths)
+            projected_right = c.right.to(S_cols.dtype) @ S_cols.T              # [N, T, k_in]
+            block += torch.bmm(projected_left.transpose(1, 2), projected_right).reshape(block.shape)
 
     def vector(self, name: str, g: Tensor) -> None:
         self._flat(name).add_(g.reshape(g.shape[0], -1))
