@@ -8,10 +8,11 @@ The native core (decomp._C) holds the hot kernels; ``decomp.ops`` exposes them a
 from . import ops, reference
 from ._native import build_info
 from .capture import coverage
+from .decompose import Alignment, Components, cluster, component_fishers, ica, pca, prepare
 from .fisher import Fisher, compute_fisher
 from .sketch import GradientSketch, sketch_gradients
 
 __version__ = build_info()["version"]
 
 __all__ = ["ops", "reference", "build_info", "__version__", "coverage", "Fisher", "compute_fisher", "GradientSketch",
-           "sketch_gradients"]
+           "sketch_gradients", "Components", "Alignment", "pca", "ica", "cluster", "prepare", "component_fishers"]

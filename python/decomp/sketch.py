@@ -125,9 +125,11 @@ class GradientSketch:
     argmax; classification only, else None), ``blocks`` (the layout) and ``config``."""
 
     def __init__(self, features: Tensor, indices: Tensor, labels: Optional[Tensor], predictions: Optional[Tensor],
-                 blocks: list, config: dict, coverage: Optional[dict] = None, path: Optional[Path] = None):
+                 blocks: list, config: dict, coverage: Optional[dict] = None, path: Optional[Path] = None,
+                 example_scale: Optional[Tensor] = None):
         self.features, self.indices, self.labels, self.predictions = features, indices, labels, predictions
         self.blocks, self.config, self.coverage, self.path = blocks, config, dict(coverage or {}), path
+        self.example_scale = example_scale   # [N] per-row factor applied by decomp.prepare, else None
 
     def __len__(self) -> int:
         return self.features.shape[0]
