@@ -11,11 +11,11 @@ from decomp.outputs import _sample, uniforms
 VOCAB = 61
 
 
-def tiny(kind: str, seed: int = 0):
+def tiny(kind: str, seed: int = 0, num_labels: int = 3):
     torch.manual_seed(seed)
     if kind == "bert":
         config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=24, max_position_embeddings=40, num_labels=3, type_vocab_size=2)
+                            intermediate_size=24, max_position_embeddings=40, num_labels=num_labels, type_vocab_size=2)
         model = BertForSequenceClassification(config)
     elif kind == "gpt2":
         config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=40,

@@ -173,3 +173,31 @@ def test_plots_and_top_example_tables(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
     table = top_examples_markdown(components, [f"example {i}" for i in range(120)], labels=labels.tolist(), k=2)
     assert table.count("\n") == 2 + 4 * 2 * 2
+
+
+def test_components_of_a_model_trained_on_two_tasks_align_with_the_tasks():
+    """Task A: tokens 1..29, labels {0, 1} = token 5 present; task B: tokens 30..60, labels {2, 3} = first token
+    even (two heads' worth of classes in one classifier, as in multi-task training)."""
+    g = torch.Generator().manual_seed(0)
+    model = tiny("bert", num_labels=4)
+    N, T = 96, 8
+    task = torch.arange(N) % 2
+    ids = torch.where(task[:, None] == 0, torch.randint(1, 30, (N, T), generator=g),
+                      torch.randint(30, 61, (N, T), generator=g))
+    labels = torch.where(task == 0, (ids == 5).any(1).long(), 2 + (ids[:, 0] % 2 == 0).long())
+    batch = {"input_ids": ids, "attention_mask": torch.ones(N, T, dtype=torch.long), "labels": labels,
+             "token_type_ids": torch.zeros(N, T, dtype=torch.long)}
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    sketch = decomp.sketch_gradients(model, [batch], output="predicted", progress=False, k_out=4, k_in=4, k_vector=256)
+    prepared = decomp.prepare(sketch, normalize=True)
+    clusters = decomp.cluster(prepared, 2, whiten=2, seed=0)
+    aligned = clusters.align(task).ami
+    shuffled = clusters.align(task[torch.randperm(N, generator=g)]).ami
+    assert aligned > 0.5 and aligned > shuffled + 0.4, (aligned, shuffled)
+    assert decomp.ica(prepared, 4, seed=0).align(task).ami > 0.4

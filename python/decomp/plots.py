@@ -15,14 +15,14 @@ def _pyplot():
     return plt
 
 
-def plot_spectrum(components, path, *, title: str = "Explained variance") -> Path:
-    """Bars of each component's explained-variance ratio with the cumulative curve."""
+def plot_spectrum(components, path, *, title: str = "Explained variance", show: int = 50) -> Path:
+    """Bars of the first `show` components' explained-variance ratios with the cumulative curve."""
     plt = _pyplot()
-    ratio = components.explained_variance_ratio.double().numpy()
+    ratio = components.explained_variance_ratio.double().numpy()[:show]
     figure, axis = plt.subplots(figsize=(7, 3.6))
     positions = np.arange(1, len(ratio) + 1)
     axis.bar(positions, ratio, color="#4c72b0", label="per component")
-    axis.set_xlabel("component")
+    axis.set_xlabel(f"component (first {len(ratio)} of {components.n_components})")
     axis.set_ylabel("fraction of variance")
     twin = axis.twinx()
     twin.plot(positions, np.cumsum(ratio), color="#dd8452", marker=".", label="cumulative")
@@ -39,7 +39,7 @@ def plot_alignment(alignment, path, *, title: str = "Top examples per component 
     plt = _pyplot()
     table = alignment.table / max(alignment.k, 1)
     rows = [f"{r['component']}{'+' if r['sign'] > 0 else '-'}" for r in alignment.purity]
-    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(alignment.label_names), 0.8 + 0.28 * len(rows)))
+    figure, axis = plt.subplots(figsize=(2.5 + 0.9 * len(alignment.label_names), max(2.8, 0.9 + 0.28 * len(rows))))
     image = axis.imshow(table, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     axis.set_xticks(range(len(alignment.label_names)), alignment.label_names, rotation=30, ha="right")
     axis.set_yticks(range(len(rows)), rows)
