@@ -15,3 +15,4 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert namespace["z"].shape == (4, 512)
     assert namespace["kron"].shape == (namespace["N"], 256)
     assert namespace["sketch"].features.shape[0] == 8 and (tmp_path / "fisher.safetensors").exists()
+    assert len(namespace["directions"]) == 3 and (tmp_path / "merged-model" / "config.json").exists()
