@@ -11,14 +11,12 @@ Writes benchmarks/results/decompose.{md,json} and figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
@@ -169,11 +167,11 @@ def main():
             f"sketched to {sketch.features.shape[1]} features in {sketch_seconds:.0f} s. Baseline: the same analyses "
             f"of the final [CLS] hidden state. Assignments: PCA/ICA put each example in the (component, sign) of its "
             f"largest |loading|; AMI/NMI by scikit-learn.\n\n"
-            f"## Spectrum of the raw gradient features\n\n" + h.markdown_table([spectrum], list(spectrum)) +
-            f"\n## Alignment with fresh / rotten / plot and review / plot\n\n" + h.markdown_table(table, columns) +
+            "## Spectrum of the raw gradient features\n\n" + h.markdown_table([spectrum], list(spectrum)) +
+            "\n## Alignment with fresh / rotten / plot and review / plot\n\n" + h.markdown_table(table, columns) +
             f"\nBest AMI (fresh/rotten/plot): gradients {gradient_best:.3f}, activations {activation_best:.3f} "
             f"(ratio {gradient_best / max(activation_best, 1e-9):.2f}).\n\n"
-            f"## Top-30 purity per subclass (best (component, sign) of ICA r=8, each side)\n\n"
+            "## Top-30 purity per subclass (best (component, sign) of ICA r=8, each side)\n\n"
             + h.markdown_table([{"features": k, **v} for k, v in purity.items()], ["features", "fresh", "rotten",
                                                                                    "plot"])
             + "\n## Top examples of ICA r=8 on sign-fixed gradients\n\n"

@@ -220,7 +220,7 @@ def test_saved_merge_loads_with_from_pretrained_and_runs(tmp_path):
     card = (out / "README.md").read_text()
     assert '"method": "ties"' in card and "sha256" in card
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(f"""
+    recipe.write_text(textwrap.dedent("""
         method: task_arithmetic
         base: base
         models:
@@ -228,7 +228,7 @@ def test_saved_merge_loads_with_from_pretrained_and_runs(tmp_path):
             weight: 0.5
           - path: tuned1
             weight: 0.5
-        parameters: {{scale: 1.0}}
+        parameters: {scale: 1.0}
     """))
     from_recipe = decomp.merge_recipe(recipe, tmp_path / "from-recipe")
     assert (tmp_path / "from-recipe" / "config.json").exists()
@@ -332,3 +332,30 @@ def test_keys_missing_from_some_inputs_are_handled_explicitly():
         decomp.merge([models[0], models[1], partial], method="average")
     skipped = decomp.merge([models[0], models[1], partial], method="average", missing="skip")
     assert "norm.weight" not in skipped and "not in every input" in skipped.notes["norm.weight"]
+
+
+def test_components_merge_is_fisher_merging_with_the_chosen_component_fishers():
+    base, models = states(M=2)
+    keys = [k for k in base if k != "encoder.position_ids"]
+    g = torch.Generator().manual_seed(4)
+    per_model = [[{k: torch.rand(*base[k].shape, generator=g, dtype=torch.float64) for k in keys} for _ in range(3)]
+                 for _ in models]
+    merged = decomp.merge(models, method="components", fishers=per_model, select=[[0, 2], [1]])
+    chosen = [{k: per_model[0][0][k] + per_model[0][2][k] for k in keys}, per_model[1][1]]
+    expected = decomp.merge(models, method="fisher", fishers=chosen)
+    for key in keys:
+        close(merged[key], expected[key])
+    with pytest.raises(ValueError, match="select\\[1\\] names component 5"):
+        decomp.merge(models, method="components", fishers=per_model, select=[[0], [5]])
+
+
+def test_search_coefficients_picks_the_best_on_held_out_scores():
+    base, models = states(M=2)
+    target = decomp.merge(models, method="task_arithmetic", base=base, scale=0.6)["norm.weight"]
+
+    def make(scale):
+        return decomp.merge(models, method="task_arithmetic", base=base, scale=scale)
+
+    best, state, scored = decomp.search_coefficients(make, [0.2, 0.4, 0.6, 0.8],
+                                                     lambda s: -float((s["norm.weight"] - target).norm()))
+    assert best == 0.6 and len(scored) == 4 and torch.equal(state["norm.weight"], target)

@@ -1,4 +1,4 @@
-"""The `decomp` command line: fisher, sketch, decompose and merge (see `decomp <command> --help`).
+"""The `decomp` command line: fisher, sketch, decompose, merge, evaluate, demo, report (`decomp <command> --help`).
 
 Models are Hub names or local save_pretrained folders; data are Hub dataset names or local csv/json/jsonl/parquet
 files. Errors are one line on stderr and a non-zero exit, never a traceback (set DECOMP_DEBUG=1 for one).
@@ -184,6 +184,29 @@ def command_merge(args):
     print(f"merged -> {args.output}")
 
 
+def command_evaluate(args):
+    from .finetune import accuracy
+    check_model_source(args.model)
+    data = load_data(args.data, split=args.split, text_column=args.text_column, label_column=args.label_column,
+                     max_examples=args.max_examples)
+    model, tokenizer = load_model(args.model, "classification")
+    value = accuracy(model, tokenizer, list(data[args.text_column]), list(data[args.label_column]),
+                     batch_size=args.batch_size, max_length=args.max_length)
+    print(json.dumps({"model": args.model, "data": args.data, "examples": len(data), "accuracy": value}))
+
+
+def command_demo(args):
+    from .demo import run_demo
+    results = run_demo(args.output, quick=args.quick)
+    print(f"decomp demo: {results['total_seconds']:.0f} s; open {Path(args.output) / 'report.html'} in a browser "
+          f"(tables also in results.md, numbers in results.json)")
+
+
+def command_report(args):
+    from .demo import rerender
+    print(f"report -> {rerender(args.directory)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="decomp", description="Decompose models into components from per-example "
                                      "gradients, and merge models.")
@@ -231,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("recipe", help="YAML: method, models (path, weight), base, fishers, heads, parameters")
     merge.add_argument("-o", "--output", required=True, help="output folder")
     merge.set_defaults(run=command_merge)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy of a sequence classifier on labelled data")
+    _model_arguments(evaluate)
+    _data_arguments(evaluate, labels_required=True)
+    evaluate.set_defaults(run=command_evaluate)
+
+    demo = commands.add_parser("demo", help="the built-in demo on MiniLM and real data: decomposition, merging, "
+                                            "report.html")
+    demo.add_argument("-o", "--output", default="decomp-demo", help="output folder (default: decomp-demo)")
+    demo.add_argument("--quick", action="store_true", help="fewer examples and grid points (a few minutes)")
+    demo.set_defaults(run=command_demo)
+
+    report = commands.add_parser("report", help="re-render report.html and results.md of a demo folder")
+    report.add_argument("directory", help="a folder written by `decomp demo`")
+    report.set_defaults(run=command_report)
     return parser
 
 

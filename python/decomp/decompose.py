@@ -9,7 +9,6 @@ each example by its predicted class, or project given directions out) and scales
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -62,6 +62,10 @@ def predict(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max
     return (predictions, torch.cat(states)) if hidden else predictions
 
 
+def correct(model, tokenizer, texts: Sequence[str], labels: Sequence[int], **options) -> torch.Tensor:
+    """[N] bool: whether each example is classified right."""
+    return predict(model, tokenizer, texts, **options) == torch.as_tensor(labels)
+
+
 def accuracy(model, tokenizer, texts: Sequence[str], labels: Sequence[int], **options) -> float:
-    predicted = predict(model, tokenizer, texts, **options)
-    return float((predicted == torch.as_tensor(labels)).float().mean())
+    return float(correct(model, tokenizer, texts, labels, **options).float().mean())
