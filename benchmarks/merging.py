@@ -74,7 +74,9 @@ def main():
     tasks = results["merging"]["tasks"]
     columns = ["method", "chosen", *names, "normalised mean", "vs best merge"]
     text = (f"# Merging benchmark\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}; wall time "
-            f"{wall / 60:.0f} min (fine-tuning included: {results['timings']}).\n\n"
+            f"{wall / 60:.0f} min ("
+            + ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in results["timings"].items())
+            + "; fine-tuned models cached from an earlier run are not re-trained).\n\n"
             f"all-MiniLM-L6-v2 fine-tuned separately on each task ({FULL['epochs']} epochs, learning rate "
             f"{FULL['learning_rate']}, word embeddings frozen); the encoders merged, each task keeping its own head. "
             f"Coefficients chosen on the validation split (mean accuracy over tasks), never on test. Test accuracy with "

@@ -285,10 +285,15 @@ class Demo:
                       "task arithmetic": [({"scale": s}, f"λ={s}") for s in sums],
                       "TIES (top 20%, global trim)": [({"density": 0.2, "scale": s}, f"λ={s}") for s in means],
                       "DARE-TIES (keep 30%)": [({"density": 0.3, "scale": s}, f"λ={s}") for s in means],
-                      "Fisher (exact)": [({}, "")], "Fisher (sampled)": [({}, "")], "Fisher (empirical)": [({}, "")],
-                      "RegMean": [({"alpha": a}, f"α={a}") for a in (0.5, 0.9)],
-                      "components (top 2 of 8 per model)": [({"select": [[0, 1]] * len(names)}, "")],
-                      "components (all 8 per model)": [({"select": [list(range(8))] * len(names)}, "")]}
+                      "RegMean": [({"alpha": a}, f"α={a}") for a in (0.5, 0.9, 1.0)]}
+        # Fisher-weighted merges, each with and without dividing every model's Fisher by its mean (models whose
+        # Fishers differ in scale otherwise dominate)
+        scalings = [({"normalize": False}, "raw"), ({"normalize": True}, "normalised")]
+        for kind in ("exact", "sampled", "empirical"):
+            candidates[f"Fisher ({kind})"] = scalings
+        for label, chosen in (("top 2 of 8", [0, 1]), ("all 8", list(range(8)))):
+            candidates[f"components ({label} per model)"] = [({"select": [chosen] * len(names), **p}, t)
+                                                              for p, t in scalings]
 
         def merged(method_name: str, params: dict):
             common = {"heads": "per_task"}
@@ -302,7 +307,7 @@ class Demo:
                 return decomp.merge(states, method="dare_ties", base=base, seed=0, **common, **params)
             if method_name.startswith("Fisher"):
                 kind = method_name.split("(")[1].rstrip(")")
-                return decomp.merge(states, method="fisher", fishers=fishers[kind], **common)
+                return decomp.merge(states, method="fisher", fishers=fishers[kind], **common, **params)
             if method_name == "RegMean":
                 return decomp.merge(states, method="regmean", grams=grams, **common, **params)
             return decomp.merge(states, method="components", fishers=component_fishers, **common, **params)
@@ -324,7 +329,8 @@ class Demo:
                     validation = float(np.mean(list(score(encoder_of(state), "validation").values())))
                     if best is None or validation > best[0]:
                         best = (validation, label, state)
-                edge = len(options) > 1 and best[1] in (options[0][1], options[-1][1])
+                numeric = len(options) > 2   # a grid of coefficients, not a choice between variants
+                edge = numeric and best[1] in (options[0][1], options[-1][1])
                 rows.append({"method": method_name, "chosen": best[1] + (" (grid edge)" if edge else ""),
                              "validation mean": best[0], **score(encoder_of(best[2]), "test", method_name)})
         for row in rows:

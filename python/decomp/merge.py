@@ -360,16 +360,17 @@ def _global_threshold(context, m: int, density: float) -> float:
         return 0.0   # fewer non-zero entries than kept: keep them all
     b = int((above >= keep).nonzero().max())
     needed = keep - (int(above[b + 1]) if b + 1 < HISTOGRAM_BINS else 0)
-    lo, hi = float(torch.exp(edges[b])), float(torch.exp(edges[b + 1]))
-    inside = torch.cat([v[(v >= lo) & (v <= hi)] for v in
-                        (_task_vector(context, m, key).abs().flatten() for key in keys)])
-    inside = inside[(torch.log(inside) >= edges[b]) & ((torch.log(inside) < edges[b + 1]) if b + 1 < HISTOGRAM_BINS
-                                                        else torch.ones_like(inside, dtype=torch.bool))]
-    return float(torch.topk(inside, needed).values.min())
+    inside = []
+    for key in keys:   # the values of bin b, found by the same bucketing as the counts
+        magnitude = _task_vector(context, m, key).abs().flatten()
+        magnitude = magnitude[magnitude > 0]
+        inside.append(magnitude[torch.bucketize(torch.log(magnitude), edges[1:-1]) == b])
+    return float(torch.topk(torch.cat(inside), needed).values.min())
 
 
 def _trim(tau: Tensor, density: float, threshold: Optional[float]) -> Tensor:
-    """Keeps the top `density` of |tau| (per tensor when threshold is None, else above the global threshold)."""
+    """Keeps the top `density` of |tau| (per tensor when threshold is None, else at or above the global
+    threshold); entries tied with the last kept magnitude are kept too."""
     if threshold is None:
         k = max(1, int(round(density * tau.numel())))
         if k >= tau.numel():
