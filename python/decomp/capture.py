@@ -118,6 +118,7 @@ class GradientCapture:
         if not self.params:
             raise ValueError("model has no trainable parameters (requires_grad=True): nothing to compute")
         self.names = {id(p): name for name, p in self.params.items()}
+        self.device = next(iter(self.params.values())).device
         self.rules: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
         owners: dict[str, list] = {name: [] for name in self.params}
@@ -310,16 +311,23 @@ class GradientCapture:
     def run(self, batch: dict, indices: Tensor, term_fn: Callable, consumer) -> list[Tensor]:
         """One batch: forward with hooks, one backward per term (each delivered to the consumer), then the
         fallback parameters example by example. Returns the terms (detached). Must run inside attached()."""
-        device = next(iter(self.params.values())).device
         if not self.audited:
             self._audit(batch, indices, term_fn)
-        inputs = hf.model_inputs(self.model, batch, device)
+        terms = self._hooked_pass(batch, indices, term_fn, consumer)
+        if self.fallback_names:
+            self._fallback(batch, indices, term_fn, consumer)
+        return terms
+
+    def _hooked_pass(self, batch, indices, term_fn, consumer, first_term_only: bool = False) -> list[Tensor]:
+        """Forward with the hooks on, then one backward per term, each term's contributions flushed to the
+        consumer when its backward ends. Returns the terms, detached."""
+        inputs = hf.model_inputs(self.model, batch, self.device)
         N = inputs["input_ids"].shape[0] if "input_ids" in inputs else len(indices)
         self._batch = {"N": N, "masks": self._masks(inputs), "uses": {}, "pending": {}}
         self._consumer = consumer
         try:
-            logits = self.model(**inputs).logits
-            terms = term_fn(logits, batch, indices)
+            terms = term_fn(self.model(**inputs).logits, batch, indices)
+            terms = terms[:1] if first_term_only else terms
             _check_finite(terms, indices)
             for j, term in enumerate(terms):
                 self._batch["pending"] = {}
@@ -329,29 +337,33 @@ class GradientCapture:
                     self._flush(name)
         finally:
             self._batch = None
-        if self.fallback_names:
-            self._fallback(batch, indices, term_fn, consumer, device)
         return [t.detach() for t in terms]
 
-    def _fallback(self, batch, indices, term_fn, consumer, device) -> None:
-        names = self.fallback_names
-        params = [self.params[name] for name in names]
-        N = len(indices)
+    @contextlib.contextmanager
+    def _requiring_grad(self, params: list):
+        """The given (otherwise frozen) parameters require gradients inside the block."""
         for p in params:
             p.requires_grad_(True)
         try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+
+    def _fallback(self, batch, indices, term_fn, consumer) -> None:
+        names = self.fallback_names
+        params = [self.params[name] for name in names]
+        N = len(indices)
+        with self._requiring_grad(params):
             for n in range(N):
                 single = {k: v[n:n + 1] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == N else v
                           for k, v in batch.items()}
-                logits = self.model(**hf.model_inputs(self.model, single, device)).logits
+                logits = self.model(**hf.model_inputs(self.model, single, self.device)).logits
                 terms = term_fn(logits, single, indices[n:n + 1])
                 for j, term in enumerate(terms):
                     grads = torch.autograd.grad(term.sum(), params, retain_graph=j + 1 < len(terms), allow_unused=True)
                     for name, p, grad in zip(names, params, grads):
                         consumer.fallback(name, n, torch.zeros_like(p) if grad is None else grad)
-        finally:
-            for p in params:
-                p.requires_grad_(False)
 
     def _audit(self, batch, indices, term_fn) -> None:
         """Rules against autograd on the first example: mismatching parameters move to the fallback."""
@@ -363,30 +375,14 @@ class GradientCapture:
             single = {k: v[:, :keep] if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
                       else v for k, v in single.items()}
         recorder = _Recorder(self)
-        device = next(iter(self.params.values())).device
         terms_index = indices[:1]
         # first pass with the rules (this may already demote modules whose inputs have no batch dimension)
-        inputs = hf.model_inputs(self.model, single, device)
-        self._batch = {"N": 1, "masks": self._masks(inputs), "uses": {}, "pending": {}}
-        self._consumer = recorder
-        try:
-            term = term_fn(self.model(**inputs).logits, single, terms_index)[0]
-            _check_finite([term], terms_index)
-            if term.requires_grad:
-                term.sum().backward()
-            for name in list(self._batch["pending"]):
-                self._flush(name)
-        finally:
-            self._batch = None
+        self._hooked_pass(single, terms_index, term_fn, recorder, first_term_only=True)
         params = list(self.params.values())
-        for p in params:
-            p.requires_grad_(True)
-        try:
+        with self._requiring_grad(params):
+            inputs = hf.model_inputs(self.model, single, self.device)
             term = term_fn(self.model(**inputs).logits, single, terms_index)[0]
             expected = torch.autograd.grad(term.sum(), params, allow_unused=True)
-        finally:
-            for p in params:
-                p.requires_grad_(False)
         expected = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(params, expected)]
         # gradients that vanish in exact arithmetic (a key bias under softmax's shift invariance) are rounding
         # noise on both sides; they are compared against the typical entry of the whole gradient instead

@@ -242,8 +242,7 @@ class Components:
                 if bool((positions < 0).any()) or bool((positions >= len(weights)).any()):
                     missing = int(indices[(positions < 0) | (positions >= len(weights))][0])
                     raise ValueError(f"example {missing} of the data was not among the decomposed examples")
-                device = next(iter(capture.params.values())).device
-                sums.weights = weights[positions].to(device)
+                sums.weights = weights[positions].to(capture.device)
                 capture.run(batch, indices, lambda logits, b, i: terms(capture.task, logits, b, i, output=output,
                                                                        seed=seed, target=target), sums)
                 seen += len(indices)

@@ -187,9 +187,8 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     capture = GradientCapture(model)
-    device = next(iter(capture.params.values())).device
     blocks = sketch_layout(capture.params, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector)
-    rows = _SketchRows(capture.params, blocks, device)
+    rows = _SketchRows(capture.params, blocks, capture.device)
     config = {"model": model_name(model), "parameters": sum(p.numel() for p in capture.params.values()),
               "output": output, "seed": seed, "k_out": k_out, "k_in": k_in, "k_vector": k_vector, "k": k,
               "batch_size": batch_size, "target": target, "max_length": max_length}
