@@ -122,6 +122,10 @@ def test_fisher_merge_formula_floor_normalize_and_favor():
     equal = decomp.merge(models, method="fisher", fishers=[fishers[0]] * 3, weights=w)
     plain = decomp.merge(models, method="average", weights=w)
     close(equal[key], plain[key])
+    partial = [{k: v for k, v in f.items() if k != "norm.weight"} for f in fishers]
+    averaged = decomp.merge(models, method="fisher", fishers=partial)
+    close(averaged["norm.weight"], sum(m["norm.weight"] for m in models) / 3)
+    assert averaged.notes["norm.weight"] == "averaged: not in every model's Fisher"
     zeros = [{k: torch.zeros_like(v) for k, v in f.items()} for f in fishers]
     floored = decomp.merge(models, method="fisher", fishers=zeros, floor=1e-3)
     close(floored[key], decomp.merge(models, method="average")[key])

@@ -20,7 +20,7 @@
                    F_{m,S} = Σ_{c in S_m} (component Fisher c), from decomp.component_fishers
 
 Models are read one tensor at a time (safetensors files are opened lazily), so memory stays near one model
-plus a few tensors; TIES' global trim takes a streaming first pass for its thresholds.
+plus a few tensors; TIES' global trim takes two streaming passes for its thresholds first.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .reference import hash32
 METHODS = ("average", "task_arithmetic", "ties", "dare", "dare_ties", "fisher", "regmean", "components")
 NEEDS_BASE = ("task_arithmetic", "ties", "dare", "dare_ties")
 STREAM_DARE = 7
-HISTOGRAM_BINS = 4096
+HISTOGRAM_BINS = 65536
 
 
 # --- sources: models read lazily, tensor by tensor ---------------------------------------------------------------
@@ -74,10 +74,9 @@ class Source:
         value = self._tensors[key]
         return tuple(value.shape) if isinstance(value, Tensor) else tuple(value.entries[key]["shape"])
 
-    def dtype(self, key: str) -> str:
+    def dtype(self, key: str) -> torch.dtype:
         value = self._tensors[key]
-        return str(value.dtype).replace("torch.", "") if isinstance(value, Tensor) else \
-            str(value.dtype(key)).replace("torch.", "")
+        return value.dtype if isinstance(value, Tensor) else value.dtype(key)
 
     def fingerprint(self) -> str:
         """A content hash (sha256 of the safetensors files, or of the tensors' bytes)."""
@@ -136,10 +135,6 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _is_float(dtype: str) -> bool:
-    return dtype.lower() in ("float32", "float16", "bfloat16", "float64", "f32", "f16", "bf16", "f64")
-
-
 # --- the merge -----------------------------------------------------------------------------------------------
 
 class MergedState(dict):
@@ -177,9 +172,9 @@ def merge(models: Sequence, *, method: str, base=None, weights: Optional[Sequenc
     spec = _method(method, params, M)
     fisher_maps = _fishers(method, fishers, sources, plan["merged"], params)
     context = {"sources": sources, "base": base_source, "weights": weights, "params": spec, "fishers": fisher_maps,
-               "plan": plan}
+               "plan": plan, "averaged": []}
     if method in ("ties",) and spec["trim"] == "global":
-        context["thresholds"] = [_global_threshold(context, m, spec["density"]) for m in range(M)]
+        context["thresholds"] = _global_thresholds(context, spec["density"])
     result = MergedState()
     result.heads, result.notes = {m: {} for m in range(M)}, {}
     iterator = plan["merged"]
@@ -195,6 +190,7 @@ def merge(models: Sequence, *, method: str, base=None, weights: Optional[Sequenc
         for m, source in enumerate(sources):
             result.heads[m][key] = source.get(key).clone()
     result.notes.update({key: f"left out: {why}" for key, why in plan["skipped"].items()})
+    result.notes.update({key: "averaged: not in every model's Fisher" for key in context["averaged"]})
     result.recipe = {"method": method, "weights": weights, "parameters": {k: v for k, v in spec.items()
                                                                          if k != "select"},
                      "heads": heads, "models": [s.path and str(s.path) for s in sources],
@@ -238,7 +234,7 @@ def _plan(sources, base, heads, missing: str = "error") -> dict:
                 copied[key] = _model_index(heads, len(sources))
                 why[key] = "shapes differ across models; heads= names this model"
             continue
-        if not _is_float(dtypes[0]):
+        if not dtypes[0].is_floating_point:
             values = [s.get(key) for s in sources]
             if any(not torch.equal(values[0], v) for v in values[1:]):
                 raise ValueError(f"integer tensor {key!r} differs across models; it cannot be merged")
@@ -331,41 +327,47 @@ def _fishers(method, fishers, sources, keys, params) -> Optional[list]:
     return loaded
 
 
-def _task_vector(context, m: int, key: str) -> Tensor:
-    return context["sources"][m].get(key).double() - context["base"].get(key).double()
+# log-magnitude bins of the global-trim histogram, fixed in advance so that no pass is spent on the range: values
+# outside it fall into the end bins, which the second pass buckets the same way, so the threshold stays exact
+LOG_RANGE = (math.log(1e-45), math.log(3.5e38))
 
 
-def _global_threshold(context, m: int, density: float) -> float:
-    """The magnitude above which `density` of model m's whole task vector lies, in two streaming passes: a
-    histogram of log-magnitudes finds the bin, then the bin's values give the exact order statistic."""
-    keys = context["plan"]["merged"]
-    total = sum(math.prod(context["sources"][m].shape(k)) for k in keys)
+def _global_thresholds(context, density: float) -> list[float]:
+    """For each model, the magnitude at or above which `density` of its whole task vector lies, in two streaming
+    passes over the tensors (each read once per pass): a histogram of log-magnitudes finds the bin holding the
+    order statistic, then that bin's values give it exactly."""
+    sources, base, keys = context["sources"], context["base"], context["plan"]["merged"]
+    M = len(sources)
+    edges = torch.linspace(*LOG_RANGE, HISTOGRAM_BINS + 1, dtype=torch.float64)[1:-1]
+
+    def magnitudes(key):
+        """(model, bucket of each non-zero |τ| entry, those entries) for every model, the base read once."""
+        origin = base.get(key).double()
+        for m, source in enumerate(sources):
+            magnitude = (source.get(key).double() - origin).abs().flatten()
+            magnitude = magnitude[magnitude > 0]
+            yield m, torch.bucketize(torch.log(magnitude), edges), magnitude
+
+    counts = torch.zeros(M, HISTOGRAM_BINS, dtype=torch.int64)
+    for key in keys:
+        for m, buckets, _ in magnitudes(key):
+            counts[m] += torch.bincount(buckets, minlength=HISTOGRAM_BINS)
+    total = sum(math.prod(sources[0].shape(k)) for k in keys)
     keep = max(1, int(round(density * total)))
-    low, high = math.inf, -math.inf
-    for key in keys:
-        magnitude = _task_vector(context, m, key).abs()
-        positive = magnitude[magnitude > 0]
-        if positive.numel():
-            low, high = min(low, float(positive.min())), max(high, float(positive.max()))
-    if low == math.inf:
-        return 0.0
-    edges = torch.linspace(math.log(low), math.log(high) + 1e-12, HISTOGRAM_BINS + 1, dtype=torch.float64)
-    counts = torch.zeros(HISTOGRAM_BINS, dtype=torch.int64)
-    for key in keys:
-        magnitude = _task_vector(context, m, key).abs().flatten()
-        logs = torch.log(magnitude[magnitude > 0])
-        counts += torch.bincount(torch.bucketize(logs, edges[1:-1]), minlength=HISTOGRAM_BINS)
-    above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])   # values in bins >= b
-    if int(above[0]) <= keep:
-        return 0.0   # fewer non-zero entries than kept: keep them all
-    b = int((above >= keep).nonzero().max())
-    needed = keep - (int(above[b + 1]) if b + 1 < HISTOGRAM_BINS else 0)
-    inside = []
-    for key in keys:   # the values of bin b, found by the same bucketing as the counts
-        magnitude = _task_vector(context, m, key).abs().flatten()
-        magnitude = magnitude[magnitude > 0]
-        inside.append(magnitude[torch.bucketize(torch.log(magnitude), edges[1:-1]) == b])
-    return float(torch.topk(torch.cat(inside), needed).values.min())
+    above = torch.flip(torch.cumsum(torch.flip(counts, [1]), 1), [1])   # [M, bins]: values in bins >= b
+    chosen = {}   # model -> (bin, how many of its values are needed)
+    for m in range(M):
+        if int(above[m, 0]) > keep:   # else fewer non-zero entries than kept: keep them all (threshold 0)
+            b = int((above[m] >= keep).nonzero().max())
+            chosen[m] = (b, keep - (int(above[m, b + 1]) if b + 1 < HISTOGRAM_BINS else 0))
+    inside = {m: [] for m in chosen}
+    if chosen:
+        for key in keys:
+            for m, buckets, magnitude in magnitudes(key):
+                if m in chosen:
+                    inside[m].append(magnitude[buckets == chosen[m][0]])
+    return [float(torch.topk(torch.cat(inside[m]), chosen[m][1]).values.min()) if m in chosen else 0.0
+            for m in range(M)]
 
 
 def _trim(tau: Tensor, density: float, threshold: Optional[float]) -> Tensor:
@@ -400,18 +402,17 @@ def _disjoint_mean(taus: list[Tensor], weights: list[float]) -> Tensor:
 
 
 def _merge_tensor(method: str, key: str, context) -> Tensor:
-    sources, weights, spec = context["sources"], context["weights"], context["params"]
-    dtype = sources[0].get(key).dtype
-    M = len(sources)
+    weights, spec = context["weights"], context["params"]
+    values = [s.get(key).double() for s in context["sources"]]   # every input read once per tensor
+    dtype = context["sources"][0].dtype(key)
     if method == "average" or (method == "regmean" and not _regmean_applies(key, context)):
-        total = sum(w * s.get(key).double() for w, s in zip(weights, sources))
-        return (total / sum(weights)).to(dtype)
+        return (sum(w * v for w, v in zip(weights, values)) / sum(weights)).to(dtype)
     if method == "regmean":
-        return _regmean(key, context).to(dtype)
+        return _regmean(key, values, context).to(dtype)
     if method in ("fisher", "components"):
-        return _fisher_merge(key, context).to(dtype)
+        return _fisher_merge(key, values, context).to(dtype)
     base = context["base"].get(key).double()
-    taus = [_task_vector(context, m, key) for m in range(M)]
+    taus = [v - base for v in values]
     if method == "task_arithmetic":
         return (base + spec["scale"] * sum(w * t for w, t in zip(weights, taus))).to(dtype)
     if method in ("dare", "dare_ties"):
@@ -425,16 +426,16 @@ def _merge_tensor(method: str, key: str, context) -> Tensor:
     return (base + spec["scale"] * _disjoint_mean(taus, weights)).to(dtype)
 
 
-def _fisher_merge(key: str, context) -> Tensor:
+def _fisher_merge(key: str, values: list[Tensor], context) -> Tensor:
     sources, weights, spec, fishers = context["sources"], context["weights"], context["params"], context["fishers"]
     M = len(sources)
     if spec["favor"] is not None:
         rest = (1 - spec["favor_weight"]) / max(M - 1, 1)
         weights = [spec["favor_weight"] if m == spec["favor"] else rest for m in range(M)]
-    values = [s.get(key).double() for s in sources]
+    average = sum(w * v for w, v in zip(weights, values)) / sum(weights)
     if any(key not in f for f in fishers):
-        context.setdefault("fallback", []).append(key)
-        return sum(w * v for w, v in zip(weights, values)) / sum(weights)
+        context["averaged"].append(key)
+        return average
     scales = context.setdefault("fisher_means", [None] * M)
     numerator, denominator = 0.0, 0.0
     for m, (w, v) in enumerate(zip(weights, values)):
@@ -451,7 +452,6 @@ def _fisher_merge(key: str, context) -> Tensor:
         F = F.clamp(min=floor)
         numerator = numerator + w * F * v
         denominator = denominator + w * F
-    average = sum(w * v for w, v in zip(weights, values)) / sum(weights)
     # where every model's Fisher is zero (and no floor), the average is the only sensible answer
     return torch.where(denominator > 0, numerator / torch.where(denominator > 0, denominator,
                                                                 torch.ones_like(denominator)), average)
@@ -462,15 +462,14 @@ def _regmean_applies(key: str, context) -> bool:
     return key.endswith(".weight") and all(module in grams for grams in context["params"]["grams"])
 
 
-def _regmean(key: str, context) -> Tensor:
+def _regmean(key: str, values: list[Tensor], context) -> Tensor:
     """W* = (Σ G̃_m)^-1 Σ G̃_m W_m, W in [in, out]; G̃ = α G + (1 - α) diag(G)."""
-    sources, alpha = context["sources"], float(context["params"]["alpha"])
+    alpha = float(context["params"]["alpha"])
     module = key.rsplit(".", 1)[0]
     left, right = 0.0, 0.0
-    for m, source in enumerate(sources):
+    for m, weight in enumerate(values):
         gram = context["params"]["grams"][m][module].double()
         gram = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
-        weight = source.get(key).double()
         transposed = gram.shape[0] == weight.shape[1]  # nn.Linear stores [out, in]; Conv1D [in, out]
         right = right + gram @ (weight.T if transposed else weight)
         left = left + gram
