@@ -78,6 +78,14 @@ def load_model(source: str, task: str | None):
     return model.eval(), tokenizer
 
 
+def _data_and_model(args, task):
+    """The data, then the model: the cheap checks (paths, columns) fail before any model is loaded."""
+    check_model_source(args.model)
+    data = load_data(args.data, split=args.split, text_column=args.text_column, label_column=args.label_column,
+                     max_examples=args.max_examples)
+    return (data, *load_model(args.model, task))
+
+
 def _data_arguments(parser, labels_required: bool = False):
     parser.add_argument("data", help="Hub dataset name, or a local .csv/.json/.jsonl/.parquet file")
     parser.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
@@ -98,10 +106,7 @@ def _model_arguments(parser):
 
 def command_fisher(args):
     import decomp
-    check_model_source(args.model)   # the cheap checks first
-    data = load_data(args.data, split=args.split, text_column=args.text_column, label_column=args.label_column,
-                     max_examples=args.max_examples)
-    model, tokenizer = load_model(args.model, args.task)
+    data, model, tokenizer = _data_and_model(args, args.task)
     fisher = decomp.compute_fisher(model, data, kind=args.kind, batch_size=args.batch_size, tokenizer=tokenizer,
                                    text_column=args.text_column, label_column=args.label_column,
                                    max_length=args.max_length, seed=args.seed)
@@ -111,10 +116,7 @@ def command_fisher(args):
 
 def command_sketch(args):
     import decomp
-    check_model_source(args.model)   # the cheap checks first
-    data = load_data(args.data, split=args.split, text_column=args.text_column, label_column=args.label_column,
-                     max_examples=args.max_examples)
-    model, tokenizer = load_model(args.model, args.task)
+    data, model, tokenizer = _data_and_model(args, args.task)
     sketch = decomp.sketch_gradients(model, data, seed=args.seed, store=args.output, output=args.output_kind,
                                      k_out=args.k_out, k_in=args.k_in, k_vector=args.k_vector, k=args.k,
                                      batch_size=args.batch_size, tokenizer=tokenizer, text_column=args.text_column,
@@ -186,10 +188,7 @@ def command_merge(args):
 
 def command_evaluate(args):
     from .finetune import accuracy
-    check_model_source(args.model)
-    data = load_data(args.data, split=args.split, text_column=args.text_column, label_column=args.label_column,
-                     max_examples=args.max_examples)
-    model, tokenizer = load_model(args.model, "classification")
+    data, model, tokenizer = _data_and_model(args, "classification")
     value = accuracy(model, tokenizer, list(data[args.text_column]), list(data[args.label_column]),
                      batch_size=args.batch_size, max_length=args.max_length)
     print(json.dumps({"model": args.model, "data": args.data, "examples": len(data), "accuracy": value}))

@@ -61,10 +61,11 @@ TASKS = [
 ]
 
 def _review_or_plot():
+    import pandas as pd
     frame = hf.rotten_tomatoes()
     plots = frame[frame.category == "plot"]
     reviews = frame[frame.category != "plot"].sample(n=len(plots), random_state=0)
-    both = __import__("pandas").concat([plots, reviews])
+    both = pd.concat([plots, reviews])
     return both.assign(label=(both.category == "plot").astype(int))[["text", "label"]]
 
 
@@ -189,6 +190,7 @@ class Demo:
 
     def decompose(self, model, tokenizer) -> dict:
         import datasets
+        import pandas as pd
 
         import decomp
         from .finetune import predict
@@ -196,8 +198,8 @@ class Demo:
         with self.step("decomposing the Rotten Tomatoes classifier"):
             frame = hf.rotten_tomatoes().sample(frac=1.0, random_state=1)
             per_class = self.sizes["decompose"] // 3
-            frame = __import__("pandas").concat([frame[frame.category == c].head(per_class)
-                                                 for c in ("fresh", "rotten", "plot")], ignore_index=True)
+            frame = pd.concat([frame[frame.category == c].head(per_class) for c in ("fresh", "rotten", "plot")],
+                              ignore_index=True)
             texts, categories = list(frame.text), np.array(frame.category)
             review_or_plot = np.where(categories == "plot", "plot", "review")
             sketch = decomp.sketch_gradients(model, datasets.Dataset.from_dict({"text": texts}), tokenizer=tokenizer,
