@@ -94,6 +94,11 @@ def save(name: str, payload: dict, markdown: str) -> None:
     print(f"saved {RESULTS / name}.json and .md")
 
 
+def slug(name: str) -> str:
+    """A file name from a device name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
 def markdown_table(rows: list, columns: list) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

@@ -5,7 +5,8 @@
 For each kernel and shape: reference and native time (median of interleaved repeats), speedup, achieved rate,
 the floor (fisher_linear: a torch GEMM of equal FLOPs; the memory-bound kernels: a torch sum that reads the
 same bytes) and native time as a multiple of it, and the peak extra memory of one call measured in a fresh process.
-Writes benchmarks/results/kernels_<device>.json and .md.
+On CUDA the device-to-device copy bandwidth is measured in the same run, timings use device events. Writes
+benchmarks/results/kernels_cpu.json and .md on the CPU, benchmarks/results/<gpu name>.json and .md on a GPU.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ DENSE_CHUNK = 1 << 14
 
 
 def rademacher_from_torch(rows, cols, generator):
-    """The plain-PyTorch way to a +-1 projection block: torch's own generator (not our hash)."""
-    signs = torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.int8)
+    """The plain-PyTorch way to a +-1 projection block: torch's own generator (not our hash), on the generator's
+    device, so that a GPU baseline never copies projections from the host."""
+    signs = torch.randint(0, 2, (rows, cols), generator=generator, dtype=torch.int8, device=generator.device)
     return signs.float().mul_(2).sub_(1).mul_(rows ** -0.5)
 
 
@@ -65,9 +67,9 @@ def sketch_calls(kernel, shape, device):
 
         def baseline():
             out = torch.zeros(N, k, device=device)
-            gen = torch.Generator().manual_seed(1)
+            gen = torch.Generator(device=device).manual_seed(1)
             for start in range(0, p, DENSE_CHUNK):
-                S = rademacher_from_torch(k, DENSE_CHUNK, gen).to(device)
+                S = rademacher_from_torch(k, DENSE_CHUNK, gen)
                 out.addmm_(X[:, start:start + DENSE_CHUNK], S.T)
             return out
 
@@ -85,12 +87,13 @@ def sketch_calls(kernel, shape, device):
         left, right = torch.randn(N * T, fout + fin, generator=g), torch.randn(fout + fin, k_out, generator=g)
 
         def baseline():
-            S_out = rademacher_from_torch(k_out, fout, torch.Generator().manual_seed(1)).to(device)
-            S_in = rademacher_from_torch(k_in, fin, torch.Generator().manual_seed(2)).to(device)
+            S_out = rademacher_from_torch(k_out, fout, torch.Generator(device=device).manual_seed(1))
+            S_in = rademacher_from_torch(k_in, fin, torch.Generator(device=device).manual_seed(2))
             return torch.bmm((G @ S_out.T).transpose(1, 2), A @ S_in.T).reshape(N, -1)
 
+        left, right = left.to(device), right.to(device)
         return (baseline, lambda: ops.sketch_linear(A, G, k_out=k_out, k_in=k_in, seed=0),
-                lambda: left.to(device) @ right.to(device), (flops, "GFLOP/s"))
+                lambda: left @ right, (flops, "GFLOP/s"))
     N, T, fin, fout, k = shape
     A, G = torch.randn(N, T, fin, generator=g).to(device), torch.randn(N, T, fout, generator=g).to(device)
     counts = torch.randn(N, T, k, generator=g).to(device)
@@ -199,9 +202,18 @@ def main(argv=None):
         rows.append(row)
         print(" | ".join(f"{k}={h._cell(v)}" for k, v in row.items()), flush=True)
 
+    info = h.machine()
+    copy_note = ""
+    if device.type == "cuda":
+        source = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+        target = torch.empty_like(source)
+        copy_ms = h.time_interleaved({"copy": lambda: target.copy_(source)}, device, repeats)["copy"]
+        copy_bandwidth = 2 * source.numel() / copy_ms * 1e-6  # read + write, GB/s
+        info["copy GB/s"] = copy_bandwidth
+        copy_note = (f"Device-to-device copy bandwidth in this run: {copy_bandwidth:.0f} GB/s (256 MiB, read + "
+                     f"write); the memory-bound kernels' rates compare with it.\n\n")
     columns = ["kernel", "shape", "reference ms", "native ms", "speedup", "rate", "unit", "floor ms",
                "native / floor", "native peak extra MiB", "reference peak extra MiB"]
-    info = h.machine()
     text = (f"# Kernel benchmark ({device.type})\n\nMachine: {info['cpu']}, {info['cores']} cores, "
             f"{info['torch_threads']} torch threads, GPU: {info['gpu'] or 'none'}; torch {info['torch']}.\n"
             f"Median of {repeats} interleaved repeats (3 for sketch_dense). Reference: the pure-PyTorch function of "
@@ -211,9 +223,10 @@ def main(argv=None):
             f"bias and embedding - a torch sum reading the same bytes; count_sketch_linear - its FFT part alone. "
             f"Rate: GFLOP/s, or GB/s of input read. Peak extra memory (Fisher kernels): resident bytes of one call "
             f"beyond those before it, in a fresh process after a warm-up call on a tiny input.\n\n"
-            + h.markdown_table(rows, columns))
+            + copy_note + h.markdown_table(rows, columns))
     if not args.quick:
-        h.save(f"kernels_{device.type}", {"machine": info, "repeats": repeats, "rows": rows}, text)
+        name = "kernels_cpu" if device.type == "cpu" else h.slug(info["gpu"])
+        h.save(name, {"machine": info, "repeats": repeats, "rows": rows}, text)
     else:
         print(text)
 

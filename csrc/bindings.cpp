@@ -41,7 +41,7 @@ py::dict build_info() {
 }
 
 decomp::SketchParams sketch_params(uint32_t seed, uint32_t stream, decomp::Distribution dist, uint64_t offset,
-                                   float scale, int num_threads) {
+                                   float scale, int num_threads, uintptr_t cuda_stream) {
   decomp::SketchParams params;
   params.seed = seed;
   params.stream = stream;
@@ -49,6 +49,7 @@ decomp::SketchParams sketch_params(uint32_t seed, uint32_t stream, decomp::Distr
   params.offset = offset;
   params.scale = scale;
   params.num_threads = num_threads;
+  params.cuda_stream = cuda_stream;
   return params;
 }
 
@@ -120,28 +121,30 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "projection_matrix",
       [](const TensorView& out, uint32_t seed, uint32_t stream, decomp::Distribution dist, uint64_t offset,
-         float scale, int num_threads) {
+         float scale, int num_threads, uintptr_t cuda_stream) {
         py::gil_scoped_release release;
-        decomp::projection_matrix(out, sketch_params(seed, stream, dist, offset, scale, num_threads));
+        decomp::projection_matrix(out, sketch_params(seed, stream, dist, offset, scale, num_threads, cuda_stream));
       },
       py::arg("out"), py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"), py::arg("scale"),
-      py::arg("num_threads"));
+      py::arg("num_threads"), py::arg("cuda_stream"));
   m.def(
       "sketch_dense",
       [](const TensorView& X, const TensorView& out, uint32_t seed, uint32_t stream, decomp::Distribution dist,
-         uint64_t offset, float scale, int num_threads) {
+         uint64_t offset, float scale, int num_threads, uintptr_t cuda_stream) {
         py::gil_scoped_release release;
-        decomp::sketch_dense(X, out, sketch_params(seed, stream, dist, offset, scale, num_threads));
+        decomp::sketch_dense(X, out, sketch_params(seed, stream, dist, offset, scale, num_threads, cuda_stream));
       },
       py::arg("X"), py::arg("out"), py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"),
-      py::arg("scale"), py::arg("num_threads"));
+      py::arg("scale"), py::arg("num_threads"), py::arg("cuda_stream"));
   m.def(
       "count_sketch",
       [](const TensorView& X, const std::optional<TensorView>& lengths, const TensorView& out, uint32_t seed,
-         uint32_t stream, int num_threads) {
+         uint32_t stream, int num_threads, uintptr_t cuda_stream) {
         py::gil_scoped_release release;
-        decomp::count_sketch(X, lengths ? &*lengths : nullptr, out,
-                             sketch_params(seed, stream, decomp::Distribution::Rademacher, 0, 1.0f, num_threads));
+        decomp::count_sketch(
+            X, lengths ? &*lengths : nullptr, out,
+            sketch_params(seed, stream, decomp::Distribution::Rademacher, 0, 1.0f, num_threads, cuda_stream));
       },
-      py::arg("X"), py::arg("lengths"), py::arg("out"), py::arg("seed"), py::arg("stream"), py::arg("num_threads"));
+      py::arg("X"), py::arg("lengths"), py::arg("out"), py::arg("seed"), py::arg("stream"), py::arg("num_threads"),
+      py::arg("cuda_stream"));
 }

@@ -8,7 +8,7 @@ import torch
 
 import decomp
 from decomp import ops, reference
-from conftest import DEVICES, assert_within_rounding
+from conftest import assert_within_rounding
 
 # (N, T, in, out): empty batch, single example, T = 1, odd sizes off every tile multiple, long sequences.
 SHAPES = [(0, 4, 5, 7), (1, 1, 1, 1), (1, 7, 13, 9), (9, 1, 33, 70), (6, 5, 37, 29), (4, 23, 70, 101),
@@ -254,7 +254,7 @@ def test_cuda_view_is_dispatched_to_cuda_or_refused_clearly():
     to rebuild; with CUDA compiled in but no usable GPU, the CUDA runtime's error surfaces as RuntimeError."""
     from decomp._native import _C, view
 
-    A, G = view(A3), view(G3)
+    A = view(A3)
     out_tensor = torch.zeros(5, 4)
     fake_cuda = _C.TensorView(A3.data_ptr(), [2, 3, 4], [12, 4, 1], _C.DType.float32, True, 0)
     fake_cuda_g = _C.TensorView(G3.data_ptr(), [2, 3, 5], [15, 5, 1], _C.DType.float32, True, 0)
@@ -264,6 +264,11 @@ def test_cuda_view_is_dispatched_to_cuda_or_refused_clearly():
     message = "cudaGetDevice" if decomp.build_info()["cuda_compiled"] else "built without CUDA"
     with pytest.raises(RuntimeError, match=message):
         _C.fisher_linear(fake_cuda, fake_cuda_g, None, None, fake_out, 1, 0)
+    fake_x = _C.TensorView(A3.data_ptr(), [5, 4], [4, 1], _C.DType.float32, True, 0)
+    with pytest.raises(RuntimeError, match=message):  # the sketch ops dispatch alike
+        _C.sketch_dense(fake_x, fake_out, 1, 0, _C.Distribution.rademacher, 0, 1.0, 1, 0)
+    with pytest.raises(ValueError, match="X's device"):
+        _C.sketch_dense(view(torch.zeros(5, 4)), fake_out, 1, 0, _C.Distribution.rademacher, 0, 1.0, 1, 0)
     with pytest.raises(ValueError, match="one device"):
         _C.fisher_linear(A, fake_cuda_g, None, None, view(out_tensor), 1, 0)
     assert (out_tensor == 0).all()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from decomp import ops, reference
-from conftest import assert_within_rounding
+from conftest import DEVICES, assert_within_rounding
 
 DISTS = ["rademacher", "gaussian"]
 
@@ -19,36 +19,43 @@ def stable_seed(*parts):
 
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("rows, cols, offset", [(1, 1, 0), (7, 100, 5), (33, 65, 31), (5, 40, 2 ** 40 + 3)])
-def test_projection_matrix_is_the_reference(dist, rows, cols, offset):
-    native = ops.projection_matrix(rows, cols, seed=17, dist=dist, offset=offset)
+def test_projection_matrix_is_the_reference(dist, rows, cols, offset, device):
+    native = ops.projection_matrix(rows, cols, seed=17, dist=dist, offset=offset, device=device)
+    assert native.device.type == device.type
     expected = reference.projection_matrix(rows, cols, seed=17, dist=dist, offset=offset)
-    assert torch.equal(native, expected)  # same hash, same float: bit for bit
+    if device.type == "cpu" or dist == "rademacher":
+        assert torch.equal(native.cpu(), expected)  # same hash, same float: bit for bit
+    else:  # the GPU's double log and sin/cos may round the last float bit differently
+        torch.testing.assert_close(native.cpu(), expected, rtol=2 ** -22, atol=0)
 
 
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("N, p, k, offset", [(0, 5, 3, 0), (1, 1, 1, 0), (5, 31, 17, 7), (13, 300, 33, 64),
-                                             (25, 1000, 100, 1), (3, 257, 32, 2 ** 33)])
+                                             (25, 1000, 100, 1), (3, 257, 32, 2 ** 33), (3, 9001, 130, 5),
+                                             (131, 40, 9, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_sketch_dense_matches_reference(dist, N, p, k, offset, dtype, contiguous):
+def test_sketch_dense_matches_reference(dist, N, p, k, offset, dtype, contiguous, device):
     g = torch.Generator().manual_seed(stable_seed(N, p, k, dist))
-    X = torch.randn(N, 2 * p if not contiguous else p, generator=g).to(dtype)
+    X = torch.randn(N, 2 * p if not contiguous else p, generator=g).to(dtype).to(device)
     X = X if contiguous else X[:, ::2]
     native = ops.sketch_dense(X, k=k, seed=5, offset=offset, dist=dist)
-    assert native.shape == (N, k) and native.dtype == torch.float32
+    assert native.shape == (N, k) and native.dtype == torch.float32 and native.device == X.device
+    X = X.cpu()
     expected = reference.sketch_dense(X.double(), k=k, seed=5, offset=offset, dist=dist)
     S = reference.projection_matrix(k, p, seed=5, dist=dist, offset=offset, dtype=torch.float64)
     magnitude = X.double().abs() @ S.abs().T
     assert_within_rounding(native, expected, magnitude, p + 4)
 
 
-def test_sketch_dense_chunks_add_up_and_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("p", [1000, 20000])
+def test_sketch_dense_chunks_add_up_and_rows_do_not_depend_on_the_batch(p, device):
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(9, 1000, generator=g)
+    X = torch.randn(9, p, generator=g).to(device)
     whole = ops.sketch_dense(X, k=64, seed=3)
     parts = ops.sketch_dense(X[:, :333], k=64, seed=3) + ops.sketch_dense(X[:, 333:], k=64, seed=3, offset=333)
-    S = reference.projection_matrix(64, 1000, seed=3, dtype=torch.float64)
-    assert_within_rounding(parts, whole, X.double().abs() @ S.abs().T, 2 * 1000 + 8)
+    S = reference.projection_matrix(64, p, seed=3, dtype=torch.float64).to(device)
+    assert_within_rounding(parts, whole, X.double().abs() @ S.abs().T, 2 * p + 8)
     assert torch.equal(ops.sketch_dense(X[2:5], k=64, seed=3), whole[2:5])
     assert torch.equal(ops.sketch_dense(X[4:5], k=64, seed=3), whole[4:5])
 
@@ -94,10 +101,13 @@ LINEAR_CASES = [(0, 3, 4, 5), (1, 1, 7, 3), (4, 6, 9, 11), (5, 17, 20, 13)]
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_sketch_linear_is_the_kronecker_projection_of_the_gradients(N, T, fin, fout, dist, dtype, with_lengths):
+def test_sketch_linear_is_the_kronecker_projection_of_the_gradients(N, T, fin, fout, dist, dtype, with_lengths,
+                                                                     device):
     A, G, lengths = factor_inputs(N, T, fin, fout, dtype, with_lengths, stable_seed(N, T, dist, "kron"))
     k_out, k_in = 3, 4
-    native = ops.sketch_linear(A, G, k_out=k_out, k_in=k_in, seed=9, lengths=lengths, dist=dist)
+    native = ops.sketch_linear(A.to(device), G.to(device), k_out=k_out, k_in=k_in, seed=9,
+                               lengths=None if lengths is None else lengths.to(device), dist=dist)
+    assert native.device.type == device.type
     S_out = reference.projection_matrix(k_out, fout, seed=9, dist=dist, stream=reference.STREAM_KRON_OUT,
                                         dtype=torch.float64)
     S_in = reference.projection_matrix(k_in, fin, seed=9, dist=dist, stream=reference.STREAM_KRON_IN,
@@ -114,10 +124,12 @@ def test_sketch_linear_is_the_kronecker_projection_of_the_gradients(N, T, fin, f
 @pytest.mark.parametrize("N, T, fin, fout", LINEAR_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_count_sketch_linear_is_the_count_sketch_of_the_gradients(N, T, fin, fout, dtype, with_lengths):
+def test_count_sketch_linear_is_the_count_sketch_of_the_gradients(N, T, fin, fout, dtype, with_lengths, device):
     A, G, lengths = factor_inputs(N, T, fin, fout, dtype, with_lengths, stable_seed(N, T, "count"))
     k = 16
-    native = ops.count_sketch_linear(A, G, k=k, seed=11, lengths=lengths)
+    native = ops.count_sketch_linear(A.to(device), G.to(device), k=k, seed=11,
+                                     lengths=None if lengths is None else lengths.to(device))
+    assert native.device.type == device.type
     bucket_out, sign_out = reference.count_hashes(fout, k, seed=11, stream=reference.STREAM_COUNT_OUT)
     bucket_in, sign_in = reference.count_hashes(fin, k, seed=11, stream=reference.STREAM_COUNT_IN)
     bucket = (bucket_out[:, None] + bucket_in[None, :]).flatten() % k
@@ -133,13 +145,31 @@ def test_count_sketch_linear_is_the_count_sketch_of_the_gradients(N, T, fin, fou
     assert_within_rounding(native, grads @ C.T, magnitude, steps)
 
 
-def test_sketches_do_not_depend_on_the_batch_split():
+def test_sketches_do_not_depend_on_the_batch_split(device):
     A, G, lengths = factor_inputs(6, 5, 8, 7, torch.float32, True, 3)
+    A, G, lengths = A.to(device), G.to(device), lengths.to(device)
     for sketch in (lambda *a: ops.sketch_linear(*a[:2], k_out=4, k_in=4, seed=1, lengths=a[2]),
                    lambda *a: ops.count_sketch_linear(*a[:2], k=32, seed=1, lengths=a[2])):
         whole = sketch(A, G, lengths)
         split = torch.cat([sketch(A[:2], G[:2], lengths[:2]), sketch(A[2:], G[2:], lengths[2:])])
         torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it on one)")
+def test_cuda_and_cpu_give_the_same_sketches_for_one_seed():
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(7, 5000, generator=g)
+    A, G, lengths = factor_inputs(7, 9, 33, 20, torch.float32, True, 13)
+    # Each device sums in its own order, so dense sketches agree to float32 rounding of a length-p dot product.
+    S = reference.projection_matrix(96, 5000, seed=2, dtype=torch.float64)
+    assert_within_rounding(ops.sketch_dense(X.cuda(), k=96, seed=2), ops.sketch_dense(X, k=96, seed=2),
+                           2 * X.double().abs() @ S.abs().T, 5000 + 40)
+    # The CountSketch adds the same terms in the same order on both devices: bit for bit.
+    for stream in (reference.STREAM_COUNT_IN, reference.STREAM_COUNT_OUT):
+        cpu = torch.ops.decomp.count_sketch(A, 64, 2, stream, lengths)
+        assert torch.equal(torch.ops.decomp.count_sketch(A.cuda(), 64, 2, stream, lengths.cuda()).cpu(), cpu)
+    assert torch.equal(ops.projection_matrix(16, 33, seed=2, device="cuda").cpu(),
+                       ops.projection_matrix(16, 33, seed=2))
 
 
 # --- statistics -----------------------------------------------------------------------------------------------

@@ -44,6 +44,22 @@ struct Input3 {
   }
 };
 
+// A strided 2-d float32/bfloat16 input.
+struct Input2 {
+  const void* data;
+  int64_t stride0, stride1;
+  bool bf16;
+  __device__ __forceinline__ float at(int64_t i, int64_t j) const {
+    const int64_t offset = i * stride0 + j * stride1;
+    if (bf16) return __bfloat162float(static_cast<const __nv_bfloat16*>(data)[offset]);
+    return static_cast<const float*>(data)[offset];
+  }
+};
+
+inline Input2 input2(const TensorView& t) {
+  return Input2{reinterpret_cast<const void*>(t.ptr), t.stride(0), t.stride(1), t.dtype == DType::BFloat16};
+}
+
 inline Input3 input3(const TensorView& t) {
   return Input3{reinterpret_cast<const void*>(t.ptr), t.stride(0), t.stride(1), t.stride(2),
                 t.dtype == DType::BFloat16};

@@ -61,4 +61,19 @@ inline float bf16_to_float(uint16_t bits) {
   return value;
 }
 
+// Runs `cpu` for CPU views and `cuda` for CUDA views; a CUDA view in a build without CUDA is an error that says
+// how to get a CUDA build.
+template <class CpuFn, class CudaFn>
+void dispatch(const TensorView& like, CpuFn cpu, CudaFn cuda) {
+  if (like.device == DeviceType::CPU) return cpu();
+#ifdef DECOMP_WITH_CUDA
+  return cuda();
+#else
+  (void)cuda;
+  throw std::runtime_error(
+      "decomp was built without CUDA, so it cannot run on CUDA tensors; reinstall with nvcc on the PATH "
+      "(DECOMP_CUDA=ON pip install .) or move the tensors to the CPU");
+#endif
+}
+
 }  // namespace decomp

@@ -20,19 +20,6 @@ void check_out(const TensorView& out, const std::vector<int64_t>& shape, const T
   require(out.is_contiguous(), "out must be contiguous");
 }
 
-template <class CpuFn, class CudaFn>
-void dispatch(const TensorView& like, CpuFn cpu, CudaFn cuda) {
-  if (like.device == DeviceType::CPU) return cpu();
-#ifdef DECOMP_WITH_CUDA
-  return cuda();
-#else
-  (void)cuda;
-  throw std::runtime_error(
-      "decomp was built without CUDA, so it cannot run on CUDA tensors; reinstall with nvcc on the PATH "
-      "(DECOMP_CUDA=ON pip install .) or move the tensors to the CPU");
-#endif
-}
-
 }  // namespace
 
 void fisher_linear(const TensorView& A, const TensorView& G, const TensorView& out, const FisherInputs& in) {

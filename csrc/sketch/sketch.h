@@ -6,6 +6,9 @@
 //                      X [N, T, d] -> out [N, T, k]; h, s from the row 0 and row 1 hashes of `stream`
 #pragma once
 
+#include <vector>
+
+#include "../common/hash.h"
 #include "../common/tensor_view.h"
 
 namespace decomp {
@@ -19,7 +22,22 @@ struct SketchParams {
   uint64_t offset = 0;
   float scale = 1.0f;  // applied to every entry of S (1/sqrt(k) for the JL scaling)
   int num_threads = 1;
+  uintptr_t cuda_stream = 0;  // cudaStream_t of the tensors' device, from torch.cuda.current_stream()
 };
+
+// The CountSketch hashes of features 0..d-1 into k buckets: bucket from row 0 of the stream, sign from row 1,
+// one word per feature. Shared by the CPU kernel and the CUDA host code, so both hash alike.
+inline void count_sketch_hashes(const SketchParams& params, int64_t d, int64_t k, std::vector<int64_t>& bucket,
+                                std::vector<float>& sign) {
+  const uint32_t bucket_state = hash_row(params.seed, params.stream, 0);
+  const uint32_t sign_state = hash_row(params.seed, params.stream, 1);
+  bucket.resize(static_cast<size_t>(d));
+  sign.resize(static_cast<size_t>(d));
+  for (int64_t j = 0; j < d; ++j) {
+    bucket[j] = static_cast<int64_t>(hash_word(bucket_state, static_cast<uint64_t>(j)) % static_cast<uint32_t>(k));
+    sign[j] = (hash_word(sign_state, static_cast<uint64_t>(j)) >> 31) ? -1.0f : 1.0f;
+  }
+}
 
 void projection_matrix(const TensorView& out, const SketchParams& params);
 void sketch_dense(const TensorView& X, const TensorView& out, const SketchParams& params);
@@ -29,5 +47,12 @@ void projection_matrix_cpu(const TensorView& out, const SketchParams& params);
 void sketch_dense_cpu(const TensorView& X, const TensorView& out, const SketchParams& params);
 void count_sketch_cpu(const TensorView& X, const TensorView* lengths, const TensorView& out,
                       const SketchParams& params);
+
+#ifdef DECOMP_WITH_CUDA
+void projection_matrix_cuda(const TensorView& out, const SketchParams& params);
+void sketch_dense_cuda(const TensorView& X, const TensorView& out, const SketchParams& params);
+void count_sketch_cuda(const TensorView& X, const TensorView* lengths, const TensorView& out,
+                       const SketchParams& params);
+#endif
 
 }  // namespace decomp

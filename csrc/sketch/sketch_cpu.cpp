@@ -151,15 +151,9 @@ void count_sketch_cpu(const TensorView& X, const TensorView* lengths, const Tens
   const int64_t N = X.size(0), T = X.size(1), d = X.size(2), k = out_view.size(2);
   float* out = out_view.data<float>();
   std::fill(out, out + N * T * k, 0.0f);
-  // bucket[j] = h(j) mod k, sign[j] = +-1: from rows 0 and 1 of the stream, one word per feature.
-  const uint32_t bucket_state = hash_row(params.seed, params.stream, 0);
-  const uint32_t sign_state = hash_row(params.seed, params.stream, 1);
-  std::vector<int64_t> bucket(d);
-  std::vector<float> sign(d);
-  for (int64_t j = 0; j < d; ++j) {
-    bucket[j] = static_cast<int64_t>(hash_word(bucket_state, static_cast<uint64_t>(j)) % static_cast<uint32_t>(k));
-    sign[j] = (hash_word(sign_state, static_cast<uint64_t>(j)) >> 31) ? -1.0f : 1.0f;
-  }
+  std::vector<int64_t> bucket;
+  std::vector<float> sign;
+  count_sketch_hashes(params, d, k, bucket, sign);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(std::max(1, params.num_threads))
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t t = 0; t < T; ++t) {

@@ -201,8 +201,6 @@ def fisher_embedding(ids: Tensor, G: Tensor, num_embeddings: int, *, lengths: Op
 
 
 # --- sketches ------------------------------------------------------------------------------------------------
-# The native sketch kernels run on the CPU. On CUDA tensors these ops take the pure-PyTorch path of
-# decomp.reference, which evaluates the same hash on the GPU, until native CUDA kernels land.
 
 def _distribution(dist: str):
     return _C.Distribution.rademacher if dist == "rademacher" else _C.Distribution.gaussian
@@ -216,40 +214,37 @@ def _check_sketch_args(seed, dist, **positive):
 
 
 @torch.library.custom_op("decomp::projection_matrix", mutates_args=())
-def _projection_matrix(rows: int, cols: int, seed: int, stream: int, dist: str, offset: int) -> Tensor:
-    out = torch.empty(rows, cols, dtype=torch.float32)
+def _projection_matrix(rows: int, cols: int, seed: int, stream: int, dist: str, offset: int,
+                       device: torch.device) -> Tensor:
+    out = torch.empty(rows, cols, dtype=torch.float32, device=device)
     _C.projection_matrix(view(out), seed, stream, _distribution(dist), offset, 1.0 / math.sqrt(rows),
-                         num_threads())
+                         num_threads(), stream_of(out))
     return out
 
 
 @_projection_matrix.register_fake
-def _(rows, cols, seed, stream, dist, offset):
-    return torch.empty(rows, cols, dtype=torch.float32)
+def _(rows, cols, seed, stream, dist, offset, device):
+    return torch.empty(rows, cols, dtype=torch.float32, device=device)
 
 
 def projection_matrix(rows: int, cols: int, *, seed: int, dist: str = "rademacher", offset: int = 0,
                       stream: int = STREAM_DENSE, device=None) -> Tensor:
     """Columns offset..offset+cols of the random projection with `rows` rows, materialised: [rows, cols] float32,
     entries +-1/sqrt(rows) (Rademacher) or N(0, 1/rows) (Gaussian), each a pure function of (seed, stream, row,
-    column). Equal to decomp.reference.projection_matrix on every device."""
+    column). Equal to decomp.reference.projection_matrix bit for bit on the CPU, and on CUDA for Rademacher
+    entries; Gaussian entries on CUDA agree to float rounding (the GPU's double-precision log and sin/cos)."""
     _check_sketch_args(seed, dist, rows=rows)
     check.offset(offset)
     if isinstance(cols, bool) or not isinstance(cols, int) or cols < 0:
         raise ValueError(f"cols must be a non-negative int; got {cols!r}")
-    if device is not None and torch.device(device).type != "cpu":
-        return reference.projection_matrix(rows, cols, seed=seed, dist=dist, offset=offset, stream=stream,
-                                           device=device)
-    return _projection_matrix(rows, cols, seed, stream, dist, offset)
+    return _projection_matrix(rows, cols, seed, stream, dist, offset, torch.device(device or "cpu"))
 
 
 @torch.library.custom_op("decomp::sketch_dense", mutates_args=())
 def _sketch_dense(X: Tensor, k: int, seed: int, offset: int, dist: str) -> Tensor:
-    if X.is_cuda:
-        return reference.sketch_dense(X, k=k, seed=seed, offset=offset, dist=dist).to(torch.float32)
-    out = torch.empty(X.shape[0], k, dtype=torch.float32)
+    out = torch.empty(X.shape[0], k, dtype=torch.float32, device=X.device)
     _C.sketch_dense(view(X), view(out), seed, STREAM_DENSE, _distribution(dist), offset, 1.0 / math.sqrt(k),
-                    num_threads())
+                    num_threads(), stream_of(X))
     return out
 
 
@@ -285,17 +280,15 @@ def sketch_linear(A: Tensor, G: Tensor, *, k_out: int, k_in: int, seed: int, len
     _check_sketch_args(seed, dist, k_out=k_out, k_in=k_in)
     lengths = check.lengths(lengths, A.shape[0], A.device)
     check.lengths_values(lengths, A.shape[1])
-    S_out = projection_matrix(k_out, G.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_OUT).to(A.device)
-    S_in = projection_matrix(k_in, A.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_IN).to(A.device)
+    S_out = projection_matrix(k_out, G.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_OUT, device=A.device)
+    S_in = projection_matrix(k_in, A.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_IN, device=A.device)
     return reference.kronecker_from_projections(A, G, S_out, S_in, lengths)
 
 
 @torch.library.custom_op("decomp::count_sketch", mutates_args=())
 def _count_sketch(X: Tensor, k: int, seed: int, stream: int, lengths: Optional[Tensor]) -> Tensor:
-    if X.is_cuda:
-        return reference.count_sketch(X, k=k, seed=seed, stream=stream, lengths=lengths).to(torch.float32)
-    out = torch.empty(X.shape[0], X.shape[1], k, dtype=torch.float32)
-    _C.count_sketch(view(X), optional_view(lengths), view(out), seed, stream, num_threads())
+    out = torch.empty(X.shape[0], X.shape[1], k, dtype=torch.float32, device=X.device)
+    _C.count_sketch(view(X), optional_view(lengths), view(out), seed, stream, num_threads(), stream_of(X))
     return out
 
 

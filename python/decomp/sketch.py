@@ -69,8 +69,8 @@ class _SketchRows:
         for name, b in self.kron.items():
             rows, cols = b["shape"]
             self.projections[name] = (
-                ops.projection_matrix(b["k_out"], rows, seed=b["seed"], stream=STREAM_KRON_OUT).to(device),
-                ops.projection_matrix(b["k_in"], cols, seed=b["seed"], stream=STREAM_KRON_IN).to(device))
+                ops.projection_matrix(b["k_out"], rows, seed=b["seed"], stream=STREAM_KRON_OUT, device=device),
+                ops.projection_matrix(b["k_in"], cols, seed=b["seed"], stream=STREAM_KRON_IN, device=device))
 
     def begin(self, N: int) -> None:
         self.z = torch.zeros(N, self.dim, dtype=torch.float32, device=self.device)
