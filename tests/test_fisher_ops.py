@@ -207,7 +207,7 @@ A3, G3 = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
     (lambda: ops.fisher_linear(torch.randn(3, 5).double(), torch.randn(3, 5).double()),
      r"G must be \[N, T, out\] or \[N, out\] float32 or bfloat16; got \[3, 5\] float64 on cpu"),
     (lambda: ops.fisher_linear(torch.randn(2, 3), G3),
-     r"A must be \[N, T, in\] or \[N, in\] float32 on the same device as G; got \[2, 3\] float32 on cpu"),
+     r"A must be \[N, T, in\] \(G is \[N, T, out\]\) float32 on the same device as G; got \[2, 3\] float32 on cpu"),
     (lambda: ops.fisher_linear(A3.to("meta"), G3),
      r"A must be .* on the same device as G; got \[2, 3, 4\] float32 on meta"),
     (lambda: ops.fisher_linear(A3.bfloat16(), G3), r"A must be .* float32 on the same device as G"),

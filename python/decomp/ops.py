@@ -31,8 +31,8 @@ __all__ = ["fisher_linear", "fisher_linear_bias", "fisher_embedding", "projectio
 def _factors(A, G):
     """Validates the layer factors and returns them as [N, T, in] and [N, T, out] views."""
     check.tensor("G", G, shape="[N, T, out] or [N, out]", ranks=(2, 3), dtypes=check.FLOAT_INPUTS)
-    check.tensor("A", A, shape="[N, T, in] or [N, in]", ranks=(G.dim(),), dtypes=(G.dtype,), device=G.device,
-                 device_of="G")
+    shape = "[N, T, in] (G is [N, T, out])" if G.dim() == 3 else "[N, in] (G is [N, out])"
+    check.tensor("A", A, shape=shape, ranks=(G.dim(),), dtypes=(G.dtype,), device=G.device, device_of="G")
     if A.dim() == 2:
         A, G = A.unsqueeze(1), G.unsqueeze(1)
     if A.shape[:2] != G.shape[:2]:
