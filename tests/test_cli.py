@@ -95,3 +95,39 @@ def test_unknown_method_in_a_recipe(workspace):
     result = run("merge", recipe, "-o", workspace / "never")
     assert result.returncode == 2 and "method must be one of" in result.stderr
     assert not (workspace / "never").exists()
+
+
+def test_fisher_and_sketch_under_torchrun_match_one_process(workspace, tmp_path):
+    """`torchrun --nproc-per-node 2 -m decomp.cli ...` shards the batches over two gloo ranks: the same Fisher
+    (to float32 reordering) and the same sketch store, bit for bit, as one process."""
+    import decomp
+    from test_distributed import free_port
+    common = [workspace / "base", workspace / "data.csv", "--text-column", "review", "--label-column", "label",
+              "--batch-size", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for command, out, extra in (("fisher", tmp_path / "{}.safetensors", ["--kind", "exact"]),
+                                ("sketch", tmp_path / "{}-store", ["--k-out", "2", "--k-in", "2"])):
+        one = subprocess.run([sys.executable, "-m", "decomp.cli", command, *map(str, common), *extra, "-o",
+                              str(out).format("one")], capture_output=True, text=True, timeout=300, env=env)
+        assert one.returncode == 0, one.stderr
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "decomp.cli",
+                              command, *map(str, common), *extra, "-o", str(out).format("two")],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert two.returncode == 0, two.stderr[-4000:]
+        assert two.stdout.count(" -> ") == 1, "only rank 0 reports"
+    one, two = decomp.Fisher.load(tmp_path / "one.safetensors"), decomp.Fisher.load(tmp_path / "two.safetensors")
+    assert one.num_examples == two.num_examples == 7
+    for name, value in one.items():
+        assert bool(((two[name] - value).abs() <= 1e-6 * value.abs()).all()), name
+    one, two = decomp.GradientSketch.load(tmp_path / "one-store"), decomp.GradientSketch.load(tmp_path / "two-store")
+    assert torch.equal(one.features, two.features) and torch.equal(two.indices, torch.arange(7))
+
+
+def test_single_process_commands_refuse_torchrun(workspace):
+    from test_distributed import free_port
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                             "127.0.0.1", "--master-port", str(free_port()), "-m", "decomp.cli", "report",
+                             str(workspace)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "runs in one process; run it without torchrun" in result.stderr

@@ -104,14 +104,20 @@ def _model_arguments(parser):
 
 # --- commands ------------------------------------------------------------------------------------------------------
 
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def command_fisher(args):
     import decomp
     data, model, tokenizer = _data_and_model(args, args.task)
     fisher = decomp.compute_fisher(model, data, kind=args.kind, batch_size=args.batch_size, tokenizer=tokenizer,
                                    text_column=args.text_column, label_column=args.label_column,
                                    max_length=args.max_length, seed=args.seed)
-    path = fisher.save(args.output)
-    print(f"{fisher} -> {path}")
+    if _rank() == 0:    # every rank holds the same all-reduced Fisher; one writes it
+        path = fisher.save(args.output)
+        print(f"{fisher} -> {path}")
 
 
 def command_sketch(args):
@@ -121,7 +127,8 @@ def command_sketch(args):
                                      k_out=args.k_out, k_in=args.k_in, k_vector=args.k_vector, k=args.k,
                                      batch_size=args.batch_size, tokenizer=tokenizer, text_column=args.text_column,
                                      label_column=args.label_column, max_length=args.max_length)
-    print(f"{sketch} -> {args.output}")
+    if _rank() == 0:
+        print(f"{sketch} -> {args.output}")
 
 
 def command_decompose(args):
@@ -271,10 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("fisher", "sketch")
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from . import distributed
+    launched = distributed.init_from_environment()   # under torchrun: one process group for the whole command
     try:
+        if launched and args.command not in DISTRIBUTED_COMMANDS:
+            raise CommandError(f"`decomp {args.command}` runs in one process; run it without torchrun (only "
+                               f"{' and '.join(DISTRIBUTED_COMMANDS)} shard their work across processes)")
         args.run(args)
     except (CommandError, ValueError, FileNotFoundError, KeyError, OSError, FloatingPointError) as error:
         if os.environ.get("DECOMP_DEBUG"):
@@ -282,6 +297,10 @@ def main(argv=None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"decomp {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if launched:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     return 0
 
 

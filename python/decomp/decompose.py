@@ -211,12 +211,15 @@ class Components:
 
     def parameter_directions(self, model, data, *, unit: bool = False, output: Optional[str] = None,
                              seed: Optional[int] = None, target: Optional[int] = None, batch_size: int = 32,
-                             progress: bool = True, **batch_options) -> list[dict]:
+                             progress: bool = True, distributed: Optional[bool] = None,
+                             **batch_options) -> list[dict]:
         """v_c = sum_n u_{c,n} g_n for every component c at once, exactly, by a second pass over `data`: one GEMM
         per Linear layer on (G scaled by u) and A, the other parameters by their rules. Returns r dicts keyed
         like named_parameters(). `data` must hold the decomposed examples (rows matched by example index);
         output/seed/target default to those the sketch was taken with. unit=True uses unit-norm loadings (for
-        PCA the left singular vectors: then v_c = sigma_c v_hat_c)."""
+        PCA the left singular vectors: then v_c = sigma_c v_hat_c). distributed: as in compute_fisher (each rank
+        its share of the batches; the sums all-reduced in float64, one tensor at a time)."""
+        from . import distributed as shards
         from .capture import GradientCapture
         from .hf import batches
         from .outputs import terms
@@ -232,11 +235,15 @@ class Components:
             weights = weights * self.meta["example_scale"][:, None]
         rows = {int(i): n for n, i in enumerate(self.indices.tolist())} if self.indices is not None else None
         capture = GradientCapture(model)
+        shard = shards.world(distributed)
+        shards.check_same(shard, "parameter_directions", model=shards.model_fingerprint(model),
+                          data=shards.data_fingerprint(data), output=output, seed=seed, target=target, unit=unit,
+                          batch_size=batch_size, loadings=float(weights.double().sum()))
         sums = _Directions(capture.params, weights.shape[1])
         seen = 0
-        with capture.attached(), tqdm(total=len(weights), disable=not progress, unit="ex",
+        with capture.attached(), tqdm(total=len(weights), disable=not progress or (shard and shard.rank), unit="ex",
                                       desc="Parameter directions") as bar:
-            for indices, batch in batches(data, batch_size=batch_size, **batch_options):
+            for indices, batch in batches(data, batch_size=batch_size, shard=shard, **batch_options):
                 positions = torch.tensor([rows.get(int(i), -1) for i in indices] if rows is not None
                                          else indices.tolist())
                 if bool((positions < 0).any()) or bool((positions >= len(weights)).any()):
@@ -246,7 +253,10 @@ class Components:
                 capture.run(batch, indices, lambda logits, b, i: terms(capture.task, logits, b, i, output=output,
                                                                        seed=seed, target=target), sums)
                 seen += len(indices)
-                bar.update(len(indices))
+                bar.update(len(indices) * (shard.size if shard else 1))
+        for total in sums.sums.values():
+            shards.all_reduce_sum_(total, shard)
+        seen = shards.all_reduce_count(seen, shard, capture.device)
         if seen != len(weights):
             raise ValueError(f"the data held {seen} of the {len(weights)} decomposed examples")
         return [{name: total[c] for name, total in sums.sums.items()} for c in range(weights.shape[1])]

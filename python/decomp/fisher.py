@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed as shards
 from . import hf, ops
 from .capture import Contribution, GradientCapture, masked_rows
 from .outputs import fisher_terms
@@ -121,7 +122,8 @@ class _FisherSums:
 
 def compute_fisher(model, data, *, kind: str = "exact", batch_size: int = 32, max_examples: Optional[int] = None,
                    progress: bool = True, tokenizer=None, text_column: Optional[str] = None,
-                   label_column: Optional[str] = None, max_length: Optional[int] = None, seed: int = 0) -> Fisher:
+                   label_column: Optional[str] = None, max_length: Optional[int] = None, seed: int = 0,
+                   distributed: Optional[bool] = None) -> Fisher:
     """The diagonal Fisher of every trainable parameter of `model`, averaged over the examples of `data`.
 
     kind: "exact" (classification: the expectation over classes under the model, exactly, with C - 1 backward
@@ -129,7 +131,11 @@ def compute_fisher(model, data, *, kind: str = "exact", batch_size: int = 32, ma
     seeded by `seed` and the example's index) or "empirical" (the gold labels).
     data: a datasets.Dataset (tokenized, or with `text_column` and a `tokenizer`) or an iterable of batch dicts
     with input_ids, attention_mask and (for empirical) labels. Padded batches give the per-example results of
-    unpadded examples. Returns a decomp.Fisher (float32, the mean over examples)."""
+    unpadded examples. Returns a decomp.Fisher (float32, the mean over examples).
+
+    distributed: under torch.distributed (an initialised process group, or True to require one) each rank takes
+    its share of the batches (see decomp.distributed); the float32 sums and the example count are all-reduced, one
+    tensor at a time in float64, and every rank returns the same Fisher."""
     if kind not in ("exact", "sampled", "empirical"):
         raise ValueError(f"kind must be 'exact', 'sampled' or 'empirical'; got {kind!r}")
     capture = GradientCapture(model)
@@ -139,15 +145,22 @@ def compute_fisher(model, data, *, kind: str = "exact", batch_size: int = 32, ma
     def term_fn(logits, batch, indices):
         return fisher_terms(task, logits, batch, indices, kind=kind, seed=seed)
 
+    shard = shards.world(distributed)
+    shards.check_same(shard, "compute_fisher", model=shards.model_fingerprint(model), data=shards.data_fingerprint(data),
+                      kind=kind, seed=seed, batch_size=batch_size, max_examples=max_examples, max_length=max_length,
+                      text_column=text_column, label_column=label_column)
     examples = 0
     stream = hf.batches(data, batch_size=batch_size, tokenizer=tokenizer, text_column=text_column,
-                        label_column=label_column, max_length=max_length, max_examples=max_examples)
-    with capture.attached(), tqdm(total=_total(data, max_examples), disable=not progress, unit="ex",
-                                  desc=f"Fisher ({kind})") as bar:
+                        label_column=label_column, max_length=max_length, max_examples=max_examples, shard=shard)
+    with capture.attached(), tqdm(total=_total(data, max_examples, batch_size, shard), unit="ex",
+                                  disable=not progress or (shard and shard.rank), desc=f"Fisher ({kind})") as bar:
         for indices, batch in stream:
             capture.run(batch, indices, term_fn, sums)
             examples += len(indices)
             bar.update(len(indices))
+    for total in sums.sums.values():
+        shards.all_reduce_sum_(total, shard)
+    examples = shards.all_reduce_count(examples, shard, capture.device)
     if examples == 0:
         raise ValueError("data has no examples: the Fisher is a mean over examples")
     return Fisher({name: total / examples for name, total in sums.sums.items()}, kind=kind, num_examples=examples,
@@ -159,11 +172,16 @@ def model_name(model) -> str:
     return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
 
 
-def _total(data, max_examples) -> Optional[int]:
+def _total(data, max_examples, batch_size: int = 1, shard=None) -> Optional[int]:
+    """Examples this process will see (for progress bars): its share of the batches under a shard."""
     try:
         total = len(data)
     except TypeError:
-        return max_examples
+        return max_examples if shard is None else None
     if not hf._is_dataset(data):
-        return max_examples
-    return total if max_examples is None else min(total, max_examples)
+        return max_examples if shard is None else None
+    total = total if max_examples is None else min(total, max_examples)
+    if shard is None:
+        return total
+    return sum(min(batch_size, total - first) for first in range(0, total, batch_size)
+               if shard.owns(first // batch_size))

@@ -81,11 +81,13 @@ def is_prefix(mask: Tensor) -> bool:
 
 def batches(data, *, batch_size: int = 32, tokenizer=None, text_column: Optional[str] = None,
             label_column: Optional[str] = None, max_length: Optional[int] = None, start: int = 0,
-            max_examples: Optional[int] = None) -> Iterator[tuple[Tensor, dict]]:
+            max_examples: Optional[int] = None, shard=None) -> Iterator[tuple[Tensor, dict]]:
     """Yields (indices [B] int64, batch dict of tensors) from example `start` on, at most `max_examples` in all.
 
     A Dataset is read in order and padded per batch (right padding); iterables of batch dicts are used as they
-    come (`start` must then fall on a batch boundary, which holds when resuming a run with the same batches)."""
+    come (`start` must then fall on a batch boundary, which holds when resuming a run with the same batches).
+    shard: a decomp.distributed.World; only the batches it owns are yielded (and, for a Dataset, collated), with
+    their global indices, batch numbers counted from the first example whatever `start` is."""
     if isinstance(data, Mapping):
         data = [data]
     stop = None if max_examples is None else max_examples
@@ -93,11 +95,13 @@ def batches(data, *, batch_size: int = 32, tokenizer=None, text_column: Optional
         total = len(data) if stop is None else min(stop, len(data))
         collate = _dataset_collate(data, tokenizer, text_column, label_column, max_length)
         for first in range(start, total, batch_size):
+            if shard is not None and not shard.owns(first // batch_size):
+                continue
             last = min(first + batch_size, total)
             yield torch.arange(first, last), collate(data[first:last])
         return
     position = 0
-    for batch in data:
+    for number, batch in enumerate(data):
         if not isinstance(batch, Mapping):
             raise TypeError(f"data must be a datasets.Dataset or an iterable of batch dicts; got an item of type "
                             f"{type(batch).__name__}")
@@ -110,6 +114,9 @@ def batches(data, *, batch_size: int = 32, tokenizer=None, text_column: Optional
         if position < start:
             raise ValueError(f"cannot resume at example {start}: it falls inside a batch ({position}..."
                              f"{position + size}); resume with the batches of the interrupted run")
+        if shard is not None and not shard.owns(number):
+            position += size
+            continue
         keep = size if stop is None else min(size, stop - position)
         batch = {key: value[:keep] if isinstance(value, Tensor) and value.dim() > 0 else value
                  for key, value in batch.items()}

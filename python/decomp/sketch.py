@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed as shards
 from . import hf, ops
 from .capture import Contribution, GradientCapture, masked_rows, materialize
 from .fisher import _total, model_name
 from .outputs import OUTPUTS, terms as output_terms
 from .reference import STREAM_KRON_IN, STREAM_KRON_OUT, hash32
-from .store import RowStore, read_columns
+from .store import RowStore, committed_rows, read_columns
 
 STREAM_DERIVE = 6   # the counter-based hash stream that derives per-block seeds
 KRON_MIN_RATIO = 4  # a side shorter than 4 x its sketch side goes to the dense vector block instead
@@ -119,6 +120,15 @@ class _SketchRows:
         return self.z
 
 
+def _open_store(store, config, dim, blocks, shard) -> RowStore:
+    """Rank 0 creates or checks the store before the other ranks open it."""
+    if shard is None:
+        return RowStore(store, config, dim, blocks)
+    writer = RowStore(store, config, dim, blocks, rank=0) if shard.rank == 0 else None
+    shards.barrier(shard)
+    return writer or RowStore(store, config, dim, blocks, rank=shard.rank)
+
+
 class GradientSketch:
     """Sketched per-example gradients: ``features`` [N, K] float32 (memory-mapped when read from a store),
     ``indices`` [N] (position of each example in the data), ``labels`` [N] and ``predictions`` [N] (the model's
@@ -148,7 +158,7 @@ class GradientSketch:
         shutil.rmtree(partial, ignore_errors=True)
         store = RowStore(partial, self.config, self.features.shape[1], self.blocks)
         store.append(self.features, self.indices, self.labels, self.predictions)
-        store.finish({"coverage": self.coverage})
+        store.finish(len(self), {"coverage": self.coverage})
         if path.exists():
             shutil.rmtree(path)
         partial.rename(path)
@@ -158,7 +168,7 @@ class GradientSketch:
     def load(cls, path) -> "GradientSketch":
         meta, columns = read_columns(path)
         if not meta.get("complete"):
-            raise ValueError(f"{path} holds an unfinished run ({meta['rows']} rows so far): call sketch_gradients "
+            raise ValueError(f"{path} holds an unfinished run ({committed_rows(path)} rows so far): call sketch_gradients "
                              f"with store={str(path)!r} to resume it")
         return cls._from(meta, columns, Path(path))
 
@@ -174,13 +184,19 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
                      k_in: int = 8, k_vector: int = 512, k: Optional[int] = None, batch_size: int = 32,
                      max_examples: Optional[int] = None, progress: bool = True, tokenizer=None,
                      text_column: Optional[str] = None, label_column: Optional[str] = None,
-                     max_length: Optional[int] = None, target: Optional[int] = None) -> GradientSketch:
+                     max_length: Optional[int] = None, target: Optional[int] = None,
+                     distributed: Optional[bool] = None) -> GradientSketch:
     """Sketches of every example's gradient of `output` (see decomp.outputs) w.r.t. every trainable parameter.
 
     Defaults give MiniLM about 3,000 features: k_out x k_in = 8 x 8 per matrix, k_vector = 512 for the rest;
     `k` adds a second dense sketch of the whole down to k. `seed` fixes every projection (and the draws of
     output='sampled'). With `store` (a directory) rows are committed batch by batch: calling again after a kill
-    resumes and gives bit-identical features (same data order and batch size required, and checked)."""
+    resumes and gives bit-identical features (same data order and batch size required, and checked).
+
+    distributed: under torch.distributed (an initialised process group, or True to require one) every rank
+    sketches its share of the batches (see decomp.distributed) into its rows of the one `store`, which is then
+    required: the store reads as one [N, K] matrix in example order, bit-identical to a single process's, and each
+    rank resumes on its own. Every rank returns the finished sketch, read from the store."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
     for name, value in (("k_out", k_out), ("k_in", k_in), ("k_vector", k_vector), ("k", k)):
@@ -193,8 +209,17 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
               "output": output, "seed": seed, "k_out": k_out, "k_in": k_in, "k_vector": k_vector, "k": k,
               "batch_size": batch_size, "target": target, "max_length": max_length}
     dim = k if k is not None else rows.dim
-    writer = RowStore(store, config, dim, blocks) if store is not None else None
-    start = writer.rows if writer is not None else 0
+    shard = shards.world(distributed)
+    if shard is not None:
+        if store is None:
+            raise ValueError("sketch_gradients under torch.distributed needs store= (a directory every rank can "
+                             "write): each rank writes its rows there instead of gathering them in one process")
+        config["world_size"] = shard.size
+    shards.check_same(shard, "sketch_gradients", model=shards.model_fingerprint(model), data=shards.data_fingerprint(data),
+                    store=str(Path(store).resolve()) if store is not None else None, max_examples=max_examples,
+                    config=config)
+    writer = _open_store(store, config, dim, blocks, shard) if store is not None else None
+    start = writer.next_example if writer is not None else 0
     current: dict = {}
     task = capture.task
 
@@ -205,9 +230,12 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
 
     parts = []
     stream = hf.batches(data, batch_size=batch_size, tokenizer=tokenizer, text_column=text_column,
-                        label_column=label_column, max_length=max_length, start=start, max_examples=max_examples)
-    with capture.attached(), tqdm(total=_total(data, max_examples), initial=start, disable=not progress, unit="ex",
-                                  desc="Sketching gradients") as bar:
+                        label_column=label_column, max_length=max_length, start=start, max_examples=max_examples,
+                        shard=shard)
+    total = _total(data, max_examples, batch_size, shard)
+    done = writer.progress["rows"] if writer is not None else 0
+    with capture.attached(), tqdm(total=total, initial=done, disable=not progress or (shard and shard.rank),
+                                  unit="ex", desc="Sketching gradients") as bar:
         for indices, batch in stream:
             current.update(indices=indices, predictions=None)
             rows.begin(len(indices))
@@ -224,9 +252,13 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
                               None if predicted is None else predicted.cpu()))
             bar.update(len(indices))
     if writer is not None:
-        if writer.rows == 0:
+        rows_written = shards.all_reduce_count(writer.progress["rows"], shard, capture.device)
+        if rows_written == 0:
             raise ValueError("data has no examples to sketch")
-        writer.finish({"coverage": capture.coverage()})
+        shards.barrier(shard)          # every rank's rows are committed before the store is marked complete
+        if shard is None or shard.rank == 0:
+            writer.finish(rows_written, {"coverage": capture.coverage()})
+        shards.barrier(shard)
         return GradientSketch.load(store)
     if not parts:
         raise ValueError("data has no examples to sketch")

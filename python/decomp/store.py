@@ -1,10 +1,13 @@
 """A resumable row store: [N, K] float32 features plus example indices, labels and predictions, on disk.
 
-Layout of a store directory: ``meta.json`` (configuration, column layout, number of committed rows) and one raw
-little-endian file per column (``features.f32`` [rows, K], ``indices.i64``, ``labels.i64``, ``predictions.i64``,
--1 where unknown). Rows are appended and fsynced first, then ``meta.json`` is replaced atomically: after a kill,
-the rows beyond the committed count are cut off on reopening, so a resumed run continues exactly where the
-last committed batch ended.
+Layout of a store directory: ``meta.json`` (configuration, column layout; the number of rows and ``complete``
+once finished), one raw little-endian file per column (``features.f32`` [rows, K], ``indices.i64``,
+``labels.i64``, ``predictions.i64``, -1 where unknown) holding example i's row at row i, and ``progress-R.json``
+for each writing process R (the next example it resumes from and the rows it committed). A batch's rows are
+written at their examples' positions and fsynced first, then the progress file is replaced atomically: after a
+kill, a resumed run rewrites from the last committed batch on, so it continues exactly where it stopped. Several
+processes (ranks of torch.distributed) write disjoint rows of the same files, and the finished store reads as one
+[N, K] matrix in example order, with no gather through one process.
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ def column_path(root: Path, column: str) -> Path:
     return root / f"{column}.{_SUFFIX[COLUMNS[column]]}"
 
 
-def write_meta(root: Path, meta: dict) -> None:
-    partial = root / "meta.json.partial"
-    partial.write_text(json.dumps(meta, indent=1, sort_keys=True))
+def _write_json(path: Path, value: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1, sort_keys=True))
     with open(partial, "rb+") as handle:
         os.fsync(handle.fileno())
-    os.replace(partial, root / "meta.json")
+    os.replace(partial, path)
+
+
+def write_meta(root: Path, meta: dict) -> None:
+    _write_json(root / "meta.json", meta)
 
 
 def read_meta(root: Path) -> Optional[dict]:
@@ -45,13 +52,21 @@ def read_meta(root: Path) -> Optional[dict]:
     return meta
 
 
-class RowStore:
-    """Appends batches of rows to a store directory, committing each batch atomically."""
+def committed_rows(root) -> int:
+    """Rows committed so far by every writer of an unfinished store."""
+    return sum(json.loads(p.read_text())["rows"] for p in Path(root).glob("progress-*.json"))
 
-    def __init__(self, root, config: dict, dim: int, blocks: list):
+
+class RowStore:
+    """Writes batches of rows into a store directory, committing each batch atomically. `rank` names this
+    writer's progress file; with several writers, rank 0 opens the store first (creating it)."""
+
+    def __init__(self, root, config: dict, dim: int, blocks: list, rank: int = 0):
         self.root = Path(root)
         meta = read_meta(self.root)
         if meta is None:
+            if rank != 0:
+                raise ValueError(f"store {self.root} was not created by rank 0")
             if self.root.exists() and any(self.root.iterdir()):
                 raise ValueError(f"store {self.root} exists and is not empty, but holds no decomp sketch; "
                                  f"choose a new directory")
@@ -66,38 +81,49 @@ class RowStore:
                              f": {[meta['config'].get(k) for k in different]} there, {[config.get(k) for k in different]}"
                              f" now); use a new directory or the same settings to resume")
         self.meta = meta
-        self._truncate()
+        self.progress_path = self.root / f"progress-{rank}.json"
+        if self.progress_path.exists():
+            self.progress = json.loads(self.progress_path.read_text())
+        elif meta["complete"]:
+            self.progress = {"next": meta["rows"], "rows": meta["rows"] if rank == 0 else 0}
+        else:
+            self.progress = {"next": 0, "rows": 0}
 
     @property
-    def rows(self) -> int:
-        return self.meta["rows"]
-
-    def _truncate(self) -> None:
-        """Cuts off rows written after the last commit (a run killed between writing and committing)."""
-        for column, dtype in COLUMNS.items():
-            width = self.meta["dim"] if column == "features" else 1
-            size = self.rows * width * np.dtype(dtype).itemsize
-            path = column_path(self.root, column)
-            if path.stat().st_size < size:
-                raise ValueError(f"store {self.root} is damaged: {path.name} holds fewer rows than meta.json says")
-            with open(path, "rb+") as handle:
-                handle.truncate(size)
+    def next_example(self) -> int:
+        """The example this writer resumes from: the one after its last committed batch."""
+        return self.progress["next"]
 
     def append(self, features: Tensor, indices: Tensor, labels: Optional[Tensor], predictions: Optional[Tensor]):
+        """Writes one batch of consecutive examples at their rows, then commits it."""
         n = features.shape[0]
+        first = int(indices[0]) if n else self.progress["next"]
+        if n and not torch.equal(indices.cpu(), torch.arange(first, first + n)):
+            raise ValueError("a batch must hold consecutive examples")
         values = {"features": features, "indices": indices, "labels": labels, "predictions": predictions}
         for column, dtype in COLUMNS.items():
             value = values[column]
             array = np.full(n, -1, dtype=dtype) if value is None else value.detach().cpu().numpy().astype(dtype)
-            with open(column_path(self.root, column), "ab") as handle:
+            row_bytes = (self.meta["dim"] if column == "features" else 1) * np.dtype(dtype).itemsize
+            with open(column_path(self.root, column), "r+b") as handle:
+                handle.seek(first * row_bytes)
                 handle.write(np.ascontiguousarray(array).tobytes())
                 handle.flush()
                 os.fsync(handle.fileno())
-        self.meta["rows"] += n
-        write_meta(self.root, self.meta)
+        self.progress = {"next": first + n, "rows": self.progress["rows"] + n}
+        _write_json(self.progress_path, self.progress)
 
-    def finish(self, extra: dict) -> None:
-        self.meta.update(extra, complete=True)
+    def finish(self, rows: int, extra: dict) -> None:
+        """Marks the store complete with `rows` rows (every writer's committed rows, which must cover 0..rows-1),
+        cutting off anything a killed writer left beyond them. Called by one writer after all have finished."""
+        for column, dtype in COLUMNS.items():
+            size = rows * (self.meta["dim"] if column == "features" else 1) * np.dtype(dtype).itemsize
+            path = column_path(self.root, column)
+            if path.stat().st_size < size:
+                raise ValueError(f"store {self.root} is damaged: {path.name} holds fewer than {rows} rows")
+            with open(path, "rb+") as handle:
+                handle.truncate(size)
+        self.meta.update(extra, rows=rows, complete=True)
         write_meta(self.root, self.meta)
 
 
