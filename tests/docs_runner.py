@@ -4,7 +4,8 @@
 
 ```python blocks share one namespace (as in a notebook), ```bash blocks run with bash -euo pipefail, and a block
 with title="NAME" (```yaml title="recipe.yaml") is written to the file NAME. Blocks of other languages are not
-run: ```text for shown output, ```py for Python that needs what the test machine lacks (GPUs, a cluster). Exits non-zero at the first failing block, naming it."""
+run: ```text for shown output, ```py for Python that needs what the test machine lacks (GPUs, a cluster).
+Exits non-zero at the first failing block, naming it."""
 
 from __future__ import annotations
 

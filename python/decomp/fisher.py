@@ -146,9 +146,10 @@ def compute_fisher(model, data, *, kind: str = "exact", batch_size: int = 32, ma
         return fisher_terms(task, logits, batch, indices, kind=kind, seed=seed)
 
     shard = shards.world(distributed)
-    shards.check_same(shard, "compute_fisher", model=shards.model_fingerprint(model), data=shards.data_fingerprint(data),
-                      kind=kind, seed=seed, batch_size=batch_size, max_examples=max_examples, max_length=max_length,
-                      text_column=text_column, label_column=label_column)
+    shards.check_same(shard, "compute_fisher", model=shards.model_fingerprint(model),
+                      data=shards.data_fingerprint(data), kind=kind, seed=seed, batch_size=batch_size,
+                      max_examples=max_examples, max_length=max_length, text_column=text_column,
+                      label_column=label_column)
     examples = 0
     stream = hf.batches(data, batch_size=batch_size, tokenizer=tokenizer, text_column=text_column,
                         label_column=label_column, max_length=max_length, max_examples=max_examples, shard=shard)

@@ -157,7 +157,7 @@ class GradientSketch:
         partial = path.with_name(path.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         store = RowStore(partial, self.config, self.features.shape[1], self.blocks)
-        store.append(self.features, self.indices, self.labels, self.predictions)
+        store.write(0, self.features, self.indices, self.labels, self.predictions)
         store.finish(len(self), {"coverage": self.coverage})
         if path.exists():
             shutil.rmtree(path)
@@ -168,8 +168,8 @@ class GradientSketch:
     def load(cls, path) -> "GradientSketch":
         meta, columns = read_columns(path)
         if not meta.get("complete"):
-            raise ValueError(f"{path} holds an unfinished run ({committed_rows(path)} rows so far): call sketch_gradients "
-                             f"with store={str(path)!r} to resume it")
+            raise ValueError(f"{path} holds an unfinished run ({committed_rows(path)} rows so far): call "
+                             f"sketch_gradients with store={str(path)!r} to resume it")
         return cls._from(meta, columns, Path(path))
 
     @classmethod
@@ -215,9 +215,9 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
             raise ValueError("sketch_gradients under torch.distributed needs store= (a directory every rank can "
                              "write): each rank writes its rows there instead of gathering them in one process")
         config["world_size"] = shard.size
-    shards.check_same(shard, "sketch_gradients", model=shards.model_fingerprint(model), data=shards.data_fingerprint(data),
-                    store=str(Path(store).resolve()) if store is not None else None, max_examples=max_examples,
-                    config=config)
+    shards.check_same(shard, "sketch_gradients", model=shards.model_fingerprint(model),
+                      data=shards.data_fingerprint(data), max_examples=max_examples, config=config,
+                      store=str(Path(store).resolve()) if store is not None else None)
     writer = _open_store(store, config, dim, blocks, shard) if store is not None else None
     start = writer.next_example if writer is not None else 0
     current: dict = {}
@@ -246,16 +246,16 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
             labels = batch.get("labels") if task == "classification" else None
             predicted = current["predictions"]
             if writer is not None:
-                writer.append(features, indices, labels, predicted)
+                writer.write(int(indices[0]), features, indices, labels, predicted)   # row = example index
             else:
                 parts.append((features.cpu(), indices, None if labels is None else labels.cpu(),
                               None if predicted is None else predicted.cpu()))
             bar.update(len(indices))
     if writer is not None:
+        # The count's all-reduce also waits until every rank has committed its rows.
         rows_written = shards.all_reduce_count(writer.progress["rows"], shard, capture.device)
         if rows_written == 0:
             raise ValueError("data has no examples to sketch")
-        shards.barrier(shard)          # every rank's rows are committed before the store is marked complete
         if shard is None or shard.rank == 0:
             writer.finish(rows_written, {"coverage": capture.coverage()})
         shards.barrier(shard)

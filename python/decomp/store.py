@@ -94,12 +94,10 @@ class RowStore:
         """The example this writer resumes from: the one after its last committed batch."""
         return self.progress["next"]
 
-    def append(self, features: Tensor, indices: Tensor, labels: Optional[Tensor], predictions: Optional[Tensor]):
-        """Writes one batch of consecutive examples at their rows, then commits it."""
+    def write(self, first: int, features: Tensor, indices: Tensor, labels: Optional[Tensor],
+              predictions: Optional[Tensor]) -> None:
+        """Writes a batch as rows first, first + 1, ... and commits it: this writer resumes from row first + n."""
         n = features.shape[0]
-        first = int(indices[0]) if n else self.progress["next"]
-        if n and not torch.equal(indices.cpu(), torch.arange(first, first + n)):
-            raise ValueError("a batch must hold consecutive examples")
         values = {"features": features, "indices": indices, "labels": labels, "predictions": predictions}
         for column, dtype in COLUMNS.items():
             value = values[column]
