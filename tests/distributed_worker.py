@@ -33,7 +33,7 @@ def batches(die_at: int | None = None):
 
 
 def run(rank: int, job: str, out: Path) -> None:
-    model = tiny("bert", seed=1 if job == "mismatch-model" and rank == 1 else 0)
+    model = tiny("bert", seed=1 if job in ("mismatch-model", "mismatch-grams") and rank == 1 else 0)
     if job in ("fisher", "mismatch-model"):
         fisher = decomp.compute_fisher(model, list(batches()), kind="exact", progress=False)
         torch.save(dict(fisher), out / f"fisher-{rank}.pt")
@@ -44,6 +44,11 @@ def run(rank: int, job: str, out: Path) -> None:
         torch.save({"features": sketch.features.clone(), "indices": sketch.indices.clone()}, out / f"sketch-{rank}.pt")
     elif job == "grams":
         torch.save(decomp.collect_grams(model, list(batches()), progress=False), out / f"grams-{rank}.pt")
+    elif job == "mismatch-grams":
+        try:
+            decomp.collect_grams(model, list(batches()), progress=False)
+        finally:   # the refusal leaves the model as it was: no hook attached
+            assert not any(m._forward_hooks for m in model.modules()), "collect_grams left hooks on the model"
     elif job == "directions":
         components = decomp.Components.load(out / "components.safetensors")
         directions = components.parameter_directions(model, list(batches()), progress=False)

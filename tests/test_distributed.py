@@ -134,7 +134,8 @@ def test_a_run_that_lost_a_rank_resumes_to_the_same_sketch(tmp_path, one_thread)
     assert torch.equal(resumed.indices, torch.arange(len(single)))
 
 
-@pytest.mark.parametrize("job, names", [("mismatch-model", "model on rank 1"), ("mismatch-seed", "config on rank 1")])
+@pytest.mark.parametrize("job, names", [("mismatch-model", "model on rank 1"), ("mismatch-seed", "config on rank 1"),
+                                        ("mismatch-grams", "model on rank 1")])
 def test_ranks_that_disagree_fail_before_any_work(tmp_path, job, names):
     results = launch(job, tmp_path)
     for rank, result in enumerate(results):

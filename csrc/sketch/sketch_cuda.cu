@@ -66,7 +66,7 @@ __global__ void sketch_dense_kernel(Input2 X, int64_t n_begin, int64_t examples,
       for (int e = tid - kDenseRows; e < kDenseColumns * kDenseExamples; e += kDenseThreads - kDenseRows) {
         const int n = e / kDenseColumns, c = e % kDenseColumns;
         const int64_t column = c0 + c - lead, example = e0 + n;
-        x_tile[c][n] = (column >= 0 && column < p && c0 + c < end && example < examples)
+        x_tile[c][n] = (column >= 0 && column < p && example < examples)
                            ? X.at(n_begin + example, column)
                            : 0.0f;
       }

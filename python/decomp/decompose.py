@@ -236,9 +236,8 @@ class Components:
         rows = {int(i): n for n, i in enumerate(self.indices.tolist())} if self.indices is not None else None
         capture = GradientCapture(model)
         shard = shards.world(distributed)
-        shards.check_same(shard, "parameter_directions", model=shards.model_fingerprint(model),
-                          data=shards.data_fingerprint(data), output=output, seed=seed, target=target, unit=unit,
-                          batch_size=batch_size, loadings=float(weights.double().sum()))
+        shards.check_same(shard, "parameter_directions", model, data, output=output, seed=seed, target=target,
+                          unit=unit, batch_size=batch_size, loadings=float(weights.double().sum()))
         sums = _Directions(capture.params, weights.shape[1])
         seen = 0
         with capture.attached(), tqdm(total=len(weights), disable=not progress or (shard and shard.rank), unit="ex",

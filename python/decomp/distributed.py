@@ -85,10 +85,12 @@ def gather_objects(world: World, value) -> list:
     return everyone
 
 
-def check_same(world: Optional[World], what: str, **values) -> None:
-    """Raises ValueError on every rank if any rank's `values` differ from rank 0's, naming the keys and ranks."""
+def check_same(world: Optional[World], what: str, model, data, **settings) -> None:
+    """Raises ValueError on every rank if any rank's model weights, data or `settings` differ from rank 0's,
+    naming the keys and ranks. A single process (world None) checks nothing and reads no weights."""
     if world is None:
         return
+    values = {"model": model_fingerprint(model), "data": data_fingerprint(data), **settings}
     everyone = gather_objects(world, json.loads(json.dumps(values, default=str, sort_keys=True)))
     differences = []
     for rank, theirs in enumerate(everyone[1:], start=1):

@@ -146,8 +146,7 @@ def compute_fisher(model, data, *, kind: str = "exact", batch_size: int = 32, ma
         return fisher_terms(task, logits, batch, indices, kind=kind, seed=seed)
 
     shard = shards.world(distributed)
-    shards.check_same(shard, "compute_fisher", model=shards.model_fingerprint(model),
-                      data=shards.data_fingerprint(data), kind=kind, seed=seed, batch_size=batch_size,
+    shards.check_same(shard, "compute_fisher", model, data, kind=kind, seed=seed, batch_size=batch_size,
                       max_examples=max_examples, max_length=max_length, text_column=text_column,
                       label_column=label_column)
     examples = 0

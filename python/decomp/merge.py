@@ -505,12 +505,12 @@ def collect_grams(model, data, *, batch_size: int = 32, max_examples: Optional[i
         name = names[id(module)]
         grams[name] = grams.get(name, 0) + flat.T @ flat
 
+    # Checked before any hook is attached, so that ranks that disagree leave the model as it was.
+    shard = shards.world(distributed)
+    shards.check_same(shard, "collect_grams", model, data, batch_size=batch_size, max_examples=max_examples,
+                      options={k: str(v) for k, v in batch_options.items()})
     modules = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or _is_conv1d(m)]
     handles = [m.register_forward_hook(hook) for m in modules]
-    shard = shards.world(distributed)
-    shards.check_same(shard, "collect_grams", model=shards.model_fingerprint(model),
-                      data=shards.data_fingerprint(data), batch_size=batch_size, max_examples=max_examples,
-                      options={k: str(v) for k, v in batch_options.items()})
     was_training = model.training
     model.eval()
     seen = 0

@@ -215,8 +215,7 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
             raise ValueError("sketch_gradients under torch.distributed needs store= (a directory every rank can "
                              "write): each rank writes its rows there instead of gathering them in one process")
         config["world_size"] = shard.size
-    shards.check_same(shard, "sketch_gradients", model=shards.model_fingerprint(model),
-                      data=shards.data_fingerprint(data), max_examples=max_examples, config=config,
+    shards.check_same(shard, "sketch_gradients", model, data, max_examples=max_examples, config=config,
                       store=str(Path(store).resolve()) if store is not None else None)
     writer = _open_store(store, config, dim, blocks, shard) if store is not None else None
     start = writer.next_example if writer is not None else 0
