@@ -38,8 +38,8 @@ def fine_tuned(workdir: Path, train, epochs, learning_rate, quick):
     from transformers import AutoTokenizer, BertForSequenceClassification
     from transformers.utils import logging
 
-    from decomp.finetune import fine_tune_classifier
-    from decomp.hf import minilm_path
+    from decomp.app.finetune import fine_tune_classifier
+    from decomp.app.assets import minilm_path
     logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     folder = workdir / f"minilm-rotten-tomatoes-{len(train)}-{epochs}-{learning_rate}"
@@ -89,9 +89,9 @@ def main():
     import datasets
 
     import decomp
-    from decomp.finetune import accuracy, predict
-    from decomp.hf import rotten_tomatoes
-    from decomp.plots import plot_alignment, plot_spectrum, top_examples_markdown
+    from decomp.app.finetune import accuracy, predict
+    from decomp.app.assets import rotten_tomatoes
+    from decomp.analysis.plots import plot_alignment, plot_spectrum, top_examples_markdown
 
     sizes = {"fresh": 700, "rotten": 700, "plot": 600}
     if args.quick:

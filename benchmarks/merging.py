@@ -49,7 +49,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "merging")
     args = parser.parse_args()
-    from decomp.demo import BENCHMARK_TASKS, FULL, Demo
+    from decomp.app.demo import BENCHMARK_TASKS, FULL, Demo
     start = time.perf_counter()
     demo = Demo(args.workdir, quick=False, tasks=BENCHMARK_TASKS, decompose=False)
     results = demo.run()

@@ -55,7 +55,7 @@ def main():
     from transformers.utils import logging
 
     import decomp
-    from decomp.hf import asset_path, minilm_path
+    from decomp.app.assets import asset_path, minilm_path
     logging.set_verbosity_error()
     base_path, tuned_path = minilm_path(), asset_path("sre_embedding_model", "model_weights")
     tokenizer = AutoTokenizer.from_pretrained(base_path)

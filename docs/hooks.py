@@ -14,7 +14,7 @@ CLI_MARKER = "<!-- decomp-cli-help -->"
 
 
 def _cli_reference() -> str:
-    from decomp.cli import build_parser
+    from decomp.app.cli import build_parser
 
     parser = build_parser()
     parts = ["```text", parser.format_help().rstrip(), "```"]

@@ -6,7 +6,7 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
-from decomp.outputs import _sample, uniforms
+from decomp.gradients.outputs import _sample, uniforms
 
 VOCAB = 61
 

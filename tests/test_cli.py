@@ -39,7 +39,7 @@ def workspace(tmp_path_factory):
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "decomp.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "decomp", *map(str, args)], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
@@ -98,7 +98,7 @@ def test_unknown_method_in_a_recipe(workspace):
 
 
 def test_fisher_and_sketch_under_torchrun_match_one_process(workspace, tmp_path):
-    """`torchrun --nproc-per-node 2 -m decomp.cli ...` shards the batches over two gloo ranks: the same Fisher
+    """`torchrun --nproc-per-node 2 -m decomp ...` shards the batches over two gloo ranks: the same Fisher
     (to float32 reordering) and the same sketch store, bit for bit, as one process."""
     import decomp
     from test_distributed import free_port
@@ -107,11 +107,11 @@ def test_fisher_and_sketch_under_torchrun_match_one_process(workspace, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for command, out, extra in (("fisher", tmp_path / "{}.safetensors", ["--kind", "exact"]),
                                 ("sketch", tmp_path / "{}-store", ["--k-out", "2", "--k-in", "2"])):
-        one = subprocess.run([sys.executable, "-m", "decomp.cli", command, *map(str, common), *extra, "-o",
+        one = subprocess.run([sys.executable, "-m", "decomp", command, *map(str, common), *extra, "-o",
                               str(out).format("one")], capture_output=True, text=True, timeout=300, env=env)
         assert one.returncode == 0, one.stderr
         two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                              "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "decomp.cli",
+                              "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "decomp",
                               command, *map(str, common), *extra, "-o", str(out).format("two")],
                              capture_output=True, text=True, timeout=300, env=env)
         assert two.returncode == 0, two.stderr[-4000:]
@@ -127,7 +127,7 @@ def test_fisher_and_sketch_under_torchrun_match_one_process(workspace, tmp_path)
 def test_single_process_commands_refuse_torchrun(workspace):
     from test_distributed import free_port
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                             "127.0.0.1", "--master-port", str(free_port()), "-m", "decomp.cli", "report",
+                             "127.0.0.1", "--master-port", str(free_port()), "-m", "decomp", "report",
                              str(workspace)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0 and "runs in one process; run it without torchrun" in result.stderr

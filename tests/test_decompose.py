@@ -163,7 +163,7 @@ def test_sketched_pca_spans_the_exact_gradient_subspace():
 
 
 def test_plots_and_top_example_tables(tmp_path):
-    from decomp.plots import plot_alignment, plot_spectrum, top_examples_markdown
+    from decomp.analysis.plots import plot_alignment, plot_spectrum, top_examples_markdown
     sources, x = planted(N=120)
     components = decomp.pca(x, 4)
     labels = (sources[:, 0] > 0).long()

@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 
-from decomp.demo import TASKS
+from decomp.app.demo import TASKS
 
 
 def test_quick_demo_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "decomp.cli", "demo", "--quick", "-o", str(out)],
+    result = subprocess.run([sys.executable, "-m", "decomp", "demo", "--quick", "-o", str(out)],
                             capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "report.html" in result.stdout
@@ -33,6 +33,6 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     # the second run reuses the cached fine-tunes, and `decomp report` re-renders the page
     models = sorted(p.name for p in (out / "models").iterdir())
     assert len(models) == 3 and not any(name.endswith(".partial") for name in models)
-    again = subprocess.run([sys.executable, "-m", "decomp.cli", "report", str(out)], capture_output=True, text=True,
+    again = subprocess.run([sys.executable, "-m", "decomp", "report", str(out)], capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0 and (out / "report.html").read_text() == page

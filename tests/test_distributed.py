@@ -127,7 +127,7 @@ def test_a_run_that_lost_a_rank_resumes_to_the_same_sketch(tmp_path, one_thread)
     assert killed[0].returncode != 0, "rank 0 cannot finish without rank 1"
     with pytest.raises(ValueError, match="unfinished run"):
         decomp.GradientSketch.load(tmp_path / "store")
-    assert decomp.store.committed_rows(tmp_path / "store") > 0
+    assert decomp.gradients.store.committed_rows(tmp_path / "store") > 0
     succeeded(launch("sketch", tmp_path))
     resumed = decomp.GradientSketch.load(tmp_path / "store")
     assert torch.equal(resumed.features, single.features)

@@ -252,7 +252,7 @@ def test_ids_beyond_lengths_are_ignored():
 def test_cuda_view_is_dispatched_to_cuda_or_refused_clearly():
     """A view that claims to be on CUDA never reaches the CPU kernel: without CUDA compiled in, the error says how
     to rebuild; with CUDA compiled in but no usable GPU, the CUDA runtime's error surfaces as RuntimeError."""
-    from decomp._native import _C, view
+    from decomp.kernels.native import _C, view
 
     A = view(A3)
     out_tensor = torch.zeros(5, 4)

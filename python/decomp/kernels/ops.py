@@ -18,11 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _validate as check
-from . import reference
-from ._native import num_threads, optional_view, stream_of, view
-from ._native import _C
-from .reference import STREAM_COUNT_IN, STREAM_COUNT_OUT, STREAM_DENSE, STREAM_KRON_IN, STREAM_KRON_OUT
+from . import validation as check
+from .hashing import STREAM_COUNT_IN, STREAM_COUNT_OUT, STREAM_DENSE, STREAM_KRON_IN, STREAM_KRON_OUT
+from .native import _C, num_threads, optional_view, stream_of, view
 
 __all__ = ["fisher_linear", "fisher_linear_bias", "fisher_embedding", "projection_matrix", "sketch_dense",
            "sketch_linear", "count_sketch_linear"]
@@ -282,7 +280,26 @@ def sketch_linear(A: Tensor, G: Tensor, *, k_out: int, k_in: int, seed: int, len
     check.lengths_values(lengths, A.shape[1])
     S_out = projection_matrix(k_out, G.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_OUT, device=A.device)
     S_in = projection_matrix(k_in, A.shape[2], seed=seed, dist=dist, stream=STREAM_KRON_IN, device=A.device)
-    return reference.kronecker_from_projections(A, G, S_out, S_in, lengths)
+    return kronecker_from_projections(A, G, S_out, S_in, lengths)
+
+
+def masked_rows(t: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """t [N, T, ...] with rows t >= lengths[n] set to zero (lengths None: t itself)."""
+    if lengths is None:
+        return t
+    keep = torch.arange(t.shape[1], device=t.device)[None, :] < lengths[:, None]
+    return torch.where(keep.view(*keep.shape, *([1] * (t.dim() - 2))), t, torch.zeros((), dtype=t.dtype,
+                                                                                        device=t.device))
+
+
+def kronecker_from_projections(A: Tensor, G: Tensor, S_out: Tensor, S_in: Tensor,
+                               lengths: Optional[Tensor]) -> Tensor:
+    """sum over valid t of (S_out g_t)(S_in a_t)^T, flattened: [N, k_out * k_in]. Both sides are projected first
+    and padding (whatever it holds, NaN included) is masked on the small [N, T, k] sides, so the layer factors are
+    never copied."""
+    projected_g = masked_rows(G.to(S_out.dtype) @ S_out.T, lengths)     # [N, T, k_out]
+    projected_a = masked_rows(A.to(S_in.dtype) @ S_in.T, lengths)       # [N, T, k_in]
+    return torch.bmm(projected_g.transpose(1, 2), projected_a).reshape(A.shape[0], S_out.shape[0] * S_in.shape[0])
 
 
 @torch.library.custom_op("decomp::count_sketch", mutates_args=())
@@ -310,4 +327,7 @@ def count_sketch_linear(A: Tensor, G: Tensor, *, k: int, seed: int, lengths: Opt
     check.lengths_values(lengths, A.shape[1])
     count_g = _count_sketch(G, k, seed, STREAM_COUNT_OUT, lengths)
     count_a = _count_sketch(A, k, seed, STREAM_COUNT_IN, lengths)
-    return reference.tensor_sketch_from_counts(count_g, count_a, k)
+    if count_g.numel() == 0:  # MKL's FFT rejects empty batches
+        return count_g.new_zeros(count_g.shape[0], k)
+    # the circular convolution of the two CountSketches, summed over tokens, in the frequency domain
+    return torch.fft.irfft((torch.fft.rfft(count_g, dim=2) * torch.fft.rfft(count_a, dim=2)).sum(1), n=k, dim=1)

@@ -135,7 +135,7 @@ def command_decompose(args):
     import numpy as np
 
     import decomp
-    from decomp.plots import plot_alignment, plot_spectrum, top_examples_markdown
+    from ..analysis.plots import plot_alignment, plot_spectrum, top_examples_markdown
     if not (Path(args.store) / "meta.json").exists():
         raise CommandError(f"{args.store} is not a sketch store (no meta.json): make one with `decomp sketch`")
     sketch = decomp.GradientSketch.load(args.store)
@@ -284,7 +284,7 @@ DISTRIBUTED_COMMANDS = ("fisher", "sketch")
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from . import distributed
+    from .. import distributed
     launched = distributed.init_from_environment()   # under torchrun: one process group for the whole command
     try:
         if launched and args.command not in DISTRIBUTED_COMMANDS:

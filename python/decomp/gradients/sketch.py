@@ -13,7 +13,6 @@ E[<z_n, z_m>] = <g_n, g_m>, built block by block, each block a pure function of 
 from __future__ import annotations
 
 import shutil
-import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -21,21 +20,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed as shards
-from . import hf, ops
+from .. import distributed as shards
+from ..kernels import ops
+from ..kernels.hashing import STREAM_DERIVE, STREAM_KRON_IN, STREAM_KRON_OUT, hash32, name_hash
+from . import hf
 from .capture import Contribution, GradientCapture, masked_rows, materialize
 from .fisher import _total, model_name
 from .outputs import OUTPUTS, terms as output_terms
-from .reference import STREAM_KRON_IN, STREAM_KRON_OUT, hash32
 from .store import RowStore, committed_rows, read_columns
 
-STREAM_DERIVE = 6   # the counter-based hash stream that derives per-block seeds
 KRON_MIN_RATIO = 4  # a side shorter than 4 x its sketch side goes to the dense vector block instead
 
 
 def derived_seed(seed: int, name: str) -> int:
     """A seed for one block, a pure function of (seed, block name)."""
-    return int(hash32(seed, STREAM_DERIVE, torch.tensor(zlib.crc32(name.encode())), torch.tensor(0)))
+    return int(hash32(seed, STREAM_DERIVE, torch.tensor(name_hash(name)), torch.tensor(0)))
 
 
 def sketch_layout(params: dict, *, seed: int, k_out: int, k_in: int, k_vector: int) -> list[dict]:

@@ -20,11 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import hash32
+from ..kernels.hashing import STREAM_SAMPLE, hash32
 
 OUTPUTS = ("logprob", "predicted", "sampled", "loss", "logit")
 FISHER_KINDS = ("exact", "sampled", "empirical")
-STREAM_SAMPLE = 5  # a stream of the counter-based hash, apart from the sketch streams 0..4
 
 
 def _check_labels(batch: dict, why: str) -> Tensor:

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..kernels.ops import masked_rows
 from . import hf
 
 # audit outcomes per model object, reused while its structure is unchanged (the audit costs one example's full
@@ -71,15 +72,6 @@ def module_rule(module, role: str) -> Optional[str]:
     if _is_norm(module):
         return {"weight": "norm", "bias": "bias"}.get(role)
     return None
-
-
-def masked_rows(t: Tensor, lengths: Optional[Tensor]) -> Tensor:
-    """t [N, T, ...] with rows t >= lengths[n] set to zero."""
-    if lengths is None:
-        return t
-    keep = torch.arange(t.shape[1], device=t.device)[None, :] < lengths[:, None]
-    return torch.where(keep.view(*keep.shape, *([1] * (t.dim() - 2))), t, torch.zeros((), dtype=t.dtype,
-                                                                                        device=t.device))
 
 
 def token_sum(t: Tensor, lengths: Optional[Tensor]) -> Tensor:

@@ -13,6 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .hashing import (STREAM_COUNT_IN, STREAM_COUNT_OUT, STREAM_DENSE, STREAM_KRON_IN, STREAM_KRON_OUT, hash32, hash_row,
+                      hash_word)
+
 __all__ = ["fisher_linear", "fisher_linear_bias", "fisher_embedding", "projection_matrix", "sketch_dense",
            "sketch_linear", "count_sketch_linear", "hash32"]
 
@@ -112,41 +115,7 @@ def fisher_embedding(ids: Tensor, G: Tensor, num_embeddings: int, *, lengths: Op
 
 
 # --- the counter-based hash and the sketches --------------------------------------------------------------------
-# Bit-for-bit the hash of csrc/common/hash.h, on int64 tensors holding uint32 values.
-
-_MASK32 = 0xFFFFFFFF
-STREAM_DENSE, STREAM_KRON_OUT, STREAM_KRON_IN, STREAM_COUNT_OUT, STREAM_COUNT_IN = 0, 1, 2, 3, 4
-
-
-def _mul32(x: Tensor, constant: int) -> Tensor:
-    """(x * constant) mod 2^32, split in 16-bit halves so that no int64 product overflows."""
-    high = ((x >> 16) * constant) & 0xFFFF
-    return ((high << 16) + (x & 0xFFFF) * constant) & _MASK32
-
-
-def _mix32(x: Tensor) -> Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def hash_row(seed: int, stream: int, rows: Tensor) -> Tensor:
-    """The hash state of each row (int64 tensor of uint32 values)."""
-    start = _mix32(torch.tensor((seed ^ 0x9E3779B9) & _MASK32, dtype=torch.int64))
-    return _mix32(_mix32(start ^ stream) ^ rows.to(torch.int64))
-
-
-def hash_word(state: Tensor, words: Tensor) -> Tensor:
-    """hash32 of (row state, 64-bit word); broadcasts state against words."""
-    words = words.to(torch.int64)
-    return _mix32(_mix32(state ^ (words & _MASK32)) ^ (words >> 32))
-
-
-def hash32(seed: int, stream: int, rows: Tensor, words: Tensor) -> Tensor:
-    return hash_word(hash_row(seed, stream, rows), words)
-
+# Entries come from the counter-based hash of decomp.kernels.hashing, as in the native kernels.
 
 def _entries(state: Tensor, columns: Tensor, dist: str, dtype: torch.dtype) -> Tensor:
     """Unscaled entries S[rows, columns]: state [rows, 1], columns [1, cols] (global indices)."""

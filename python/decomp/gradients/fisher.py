@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed as shards
-from . import hf, ops
+from .. import distributed as shards
+from ..kernels import ops
+from . import hf
 from .capture import Contribution, GradientCapture, masked_rows
 from .outputs import fisher_terms
 

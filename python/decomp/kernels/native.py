@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 try:
-    from . import _C
+    from .. import _C
 except ImportError as error:  # pragma: no cover - only when the package was not built
     raise ImportError(
         "decomp's native core (decomp._C) is missing or failed to load: install the package with "

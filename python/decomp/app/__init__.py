@@ -1,0 +1,1 @@
+"""The command line, the demo and its report, fine-tuning, and the built-in assets."""
