@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decomp  # noqa: E402
+from decomp.gradients.engine import ModelPass, PassJob, batch_options  # noqa: E402
 from models import padded_batch, tiny  # noqa: E402
 
 # Five batches: rank 0 of 2 takes batches 0, 2, 4 and rank 1 takes 1, 3 (odd sizes, padding everywhere).
@@ -30,6 +31,31 @@ def batches(die_at: int | None = None):
         if number == die_at:
             os.kill(os.getpid(), signal.SIGKILL)   # a rank lost mid-run, after its earlier batches were committed
         yield padded_batch("bert", lengths, seed=number)
+
+
+class TokenCount(PassJob):
+    """A consumer written outside decomp: real tokens per example and their id sums, through the one engine."""
+
+    description = "tokens"
+
+    def __init__(self):
+        self.sums = torch.zeros(2, dtype=torch.float64)
+        self.rows = []
+
+    def step(self, indices, batch):
+        mask = batch["attention_mask"].double()
+        self.sums += torch.stack([mask.sum(), (batch["input_ids"].double() * mask).sum()])
+        self.rows.append(indices)
+
+    def totals(self):
+        return [self.sums]
+
+
+def count_tokens(model, data) -> dict:
+    run = ModelPass("count_tokens", model, data, options=batch_options(), progress=False)
+    job = TokenCount()
+    examples = run.run(job)
+    return {"examples": examples, "sums": job.sums, "rows": torch.cat(job.rows)}
 
 
 def run(rank: int, job: str, out: Path) -> None:
@@ -49,6 +75,8 @@ def run(rank: int, job: str, out: Path) -> None:
             decomp.collect_grams(model, list(batches()), progress=False)
         finally:   # the refusal leaves the model as it was: no hook attached
             assert not any(m._forward_hooks for m in model.modules()), "collect_grams left hooks on the model"
+    elif job == "custom":
+        torch.save(count_tokens(model, list(batches())), out / f"custom-{rank}.pt")
     elif job == "directions":
         components = decomp.Components.load(out / "components.safetensors")
         directions = components.parameter_directions(model, list(batches()), progress=False)

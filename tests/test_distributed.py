@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import decomp
-from distributed_worker import SKETCH, batches
+from distributed_worker import BATCHES, SKETCH, batches, count_tokens
 from models import tiny
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -74,6 +74,20 @@ def test_fisher_of_two_ranks_is_the_single_process_fisher(tmp_path, one_thread):
         assert sharded.keys() == single.keys()
         for name, value in single.items():
             assert bool(((sharded[name] - value).abs() <= 1e-6 * value.abs()).all()), name
+
+
+def test_a_consumer_written_outside_decomp_runs_through_the_one_engine(tmp_path, one_thread):
+    """The engine, not each pass, does the sharding and the reductions: a job of a dozen lines gets them too."""
+    single = count_tokens(tiny("bert"), list(batches()))
+    assert single["examples"] == sum(len(b) for b in BATCHES)
+    assert single["sums"][0] == sum(sum(b) for b in BATCHES)
+    succeeded(launch("custom", tmp_path))
+    shares = [torch.load(tmp_path / f"custom-{rank}.pt") for rank in range(WORLD)]
+    for share in shares:
+        assert share["examples"] == single["examples"] and torch.equal(share["sums"], single["sums"])
+    # each rank saw its own batches (b mod 2), together every example once
+    assert torch.equal(torch.sort(torch.cat([s["rows"] for s in shares])).values, torch.arange(single["examples"]))
+    assert not set(shares[0]["rows"].tolist()) & set(shares[1]["rows"].tolist())
 
 
 def test_sketch_of_two_ranks_is_bit_identical_and_in_order(tmp_path, one_thread):

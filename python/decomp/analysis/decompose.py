@@ -219,46 +219,18 @@ class Components:
         output/seed/target default to those the sketch was taken with. unit=True uses unit-norm loadings (for
         PCA the left singular vectors: then v_c = sigma_c v_hat_c). distributed: as in compute_fisher (each rank
         its share of the batches; the sums all-reduced in float64, one tensor at a time)."""
-        from .. import distributed as shards
-        from ..gradients.capture import GradientCapture
-        from ..gradients.hf import batches
-        from ..gradients.outputs import terms
-        from tqdm.auto import tqdm
+        from ..gradients.directions import weighted_gradient_sums
         config = self.meta.get("sketch", {})
-        output = output or config.get("output", "logprob")
-        seed = config.get("seed", 0) if seed is None else seed
-        target = config.get("target") if target is None else target
         weights = self.loadings.float()
         if unit:
             weights = weights / weights.norm(dim=0, keepdim=True).clamp(min=1e-30)
         if isinstance(self.meta.get("example_scale"), Tensor):  # rows were signed / scaled by prepare()
             weights = weights * self.meta["example_scale"][:, None]
-        rows = {int(i): n for n, i in enumerate(self.indices.tolist())} if self.indices is not None else None
-        capture = GradientCapture(model)
-        shard = shards.world(distributed)
-        shards.check_same(shard, "parameter_directions", model, data, output=output, seed=seed, target=target,
-                          unit=unit, batch_size=batch_size, loadings=float(weights.double().sum()))
-        sums = _Directions(capture.params, weights.shape[1])
-        seen = 0
-        with capture.attached(), tqdm(total=len(weights), disable=not progress or (shard and shard.rank), unit="ex",
-                                      desc="Parameter directions") as bar:
-            for indices, batch in batches(data, batch_size=batch_size, shard=shard, **batch_options):
-                positions = torch.tensor([rows.get(int(i), -1) for i in indices] if rows is not None
-                                         else indices.tolist())
-                if bool((positions < 0).any()) or bool((positions >= len(weights)).any()):
-                    missing = int(indices[(positions < 0) | (positions >= len(weights))][0])
-                    raise ValueError(f"example {missing} of the data was not among the decomposed examples")
-                sums.weights = weights[positions].to(capture.device)
-                capture.run(batch, indices, lambda logits, b, i: terms(capture.task, logits, b, i, output=output,
-                                                                       seed=seed, target=target), sums)
-                seen += len(indices)
-                bar.update(len(indices) * (shard.size if shard else 1))
-        for total in sums.sums.values():
-            shards.all_reduce_sum_(total, shard)
-        seen = shards.all_reduce_count(seen, shard, capture.device)
-        if seen != len(weights):
-            raise ValueError(f"the data held {seen} of the {len(weights)} decomposed examples")
-        return [{name: total[c] for name, total in sums.sums.items()} for c in range(weights.shape[1])]
+        return weighted_gradient_sums(
+            model, data, weights, indices=self.indices, output=output or config.get("output", "logprob"),
+            seed=config.get("seed", 0) if seed is None else seed,
+            target=config.get("target") if target is None else target, batch_size=batch_size, progress=progress,
+            distributed=distributed, **batch_options)
 
     def save(self, path) -> Path:
         """safetensors file with the tensors and the kind/meta as metadata; written atomically."""
@@ -426,37 +398,6 @@ def cluster(x, k: int, *, seed: int = 0, whiten: Optional[int] = None, n_init: i
     return Components("kmeans", loadings, centres, centres.T, centres, mean, between, total, _indices(x),
                       {"seed": seed, "whiten": whiten, "distances": distances, "inertia": float(model.inertia_),
                        **_sketch_config(x)})
-
-
-class _Directions:
-    """Consumer of GradientCapture: sum_n u_{c,n} g_n for all components, in the parameters' shapes."""
-
-    def __init__(self, params: dict, r: int):
-        self.params = params
-        self.sums = {name: torch.zeros(r, *p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
-        self.weights: Optional[Tensor] = None   # [N, r] of the current batch
-
-    def matrix(self, name: str, contributions) -> None:
-        from ..kernels.ops import masked_rows
-        out, u = self.sums[name], self.weights
-        r = u.shape[1]
-        for c in contributions:
-            right = masked_rows(c.right.float(), c.lengths)                       # [N, T, b]
-            N, T, b = right.shape
-            if c.kind == "outer":  # one GEMM: [N T, r a]^T [N T, b]
-                scaled = (c.left.float()[:, :, None, :] * u[:, None, :, None]).reshape(N * T, -1)
-                out += (scaled.T @ right.reshape(N * T, b)).reshape(out.shape)
-            else:
-                scaled = (right[:, :, None, :] * u[:, None, :, None]).permute(2, 0, 1, 3).reshape(r, N * T, b)
-                out.index_add_(1, c.left.reshape(-1), scaled)
-
-    def vector(self, name: str, g: Tensor) -> None:
-        out = self.sums[name]
-        out += (self.weights.T @ g.float()).reshape(out.shape)
-
-    def fallback(self, name: str, row: int, g: Tensor) -> None:
-        out = self.sums[name]
-        out += self.weights[row].view(-1, *([1] * g.dim())) * g.float()
 
 
 def component_fishers(directions: list, num_examples: int) -> list:

@@ -1,99 +1,25 @@
 """Per-example gradients from layer factors: hooks that capture each layer's inputs and output gradients.
 
-Every trainable parameter gets a rule. The fast rules read a layer's per-example factors from forward and
-tensor hooks, so per-example gradients are never formed and, with the parameters frozen, autograd skips the
-weight-gradient GEMMs altogether:
-
-  linear     nn.Linear weight [out, in]:          g_n = sum_t G_t A_t^T   (left G [N, T, out], right A [N, T, in])
-  conv1d     transformers' Conv1D weight [in, out]: g_n = sum_t A_t G_t^T
-  embedding  nn.Embedding weight [V, d]:           g_n = sum_t e_{id_t} G_t^T (only the rows of the ids)
-  norm       LayerNorm / RMSNorm weight [d]:       g_n = sum_t G_t * xhat_t, xhat = f(w=1, b=0) - f(w=0, b=0)
-  bias       any of these modules' bias [d]:       g_n = sum_t G_t
-  fallback   anything else: exact per-example autograd (slow; reported by decomp.coverage)
-
-A parameter used several times (tied embeddings, shared layers) gets the sum of its uses *before* anything is
-squared. Padding (attention_mask) is excluded through each example's length, or masked when not a suffix.
-On the first batch an audit compares the rules with autograd on one example; a parameter whose rule does not
-reproduce autograd (an unseen functional use, a module whose forward is not what its class suggests) is moved
-to the exact fallback, so every parameter is covered exactly.
+GradientCapture attaches forward hooks to the modules a rule covers (see decomp.gradients.rules) and tensor hooks
+to their outputs, so that each backward pass delivers every covered parameter's per-example gradient factors to a
+consumer (decomp.gradients.engine.GradientConsumer), summed over a parameter's uses before anything is squared.
+Parameters are frozen meanwhile, so autograd never runs the weight-gradient GEMMs. Padding (attention_mask) is
+excluded through each example's length, or masked when not a suffix. Parameters no rule covers, or whose rule
+the first-batch audit (decomp.gradients.audit) rejects, get exact per-example autograd.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..kernels.ops import masked_rows
 from . import hf
-
-# audit outcomes per model object, reused while its structure is unchanged (the audit costs one example's full
-# forward and backward with parameter gradients)
-_AUDITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-RULES = ("linear", "conv1d", "embedding", "norm", "bias", "fallback")
-AUDIT_TOLERANCE = 1e-3   # relative; float32 rounding gives ~1e-6, a missed use O(1)
-AUDIT_FLOOR = 1e-3       # x the typical gradient entry: below it a parameter's gradient is rounding noise
-
-
-@dataclass
-class Contribution:
-    """One use of a matrix parameter in one backward pass: its per-example gradient is sum_t left_t right_t^T.
-
-    kind "outer": left [N, T, a], right [N, T, b]. kind "embedding": left holds ids [N, T] (one-hot rows of a V x
-    V identity), right [N, T, d]. lengths [N] marks the valid prefix of each example (None: all T)."""
-    kind: str
-    left: Tensor
-    right: Tensor
-    lengths: Optional[Tensor]
-
-
-def _is_conv1d(module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
-def _is_norm(module) -> bool:
-    name = type(module).__name__
-    weight = getattr(module, "weight", None)
-    return (isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
-            or name.endswith(("LayerNorm", "RMSNorm"))) and isinstance(weight, Tensor) and weight.dim() == 1
-
-
-def module_rule(module, role: str) -> Optional[str]:
-    """The fast rule for parameter `role` ('weight', 'bias') owned directly by `module`, or None."""
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
-        return {"weight": "conv1d" if _is_conv1d(module) else "linear", "bias": "bias"}.get(role)
-    if isinstance(module, nn.Embedding):
-        plain = module.max_norm is None and not module.scale_grad_by_freq
-        return "embedding" if role == "weight" and plain else None
-    if _is_norm(module):
-        return {"weight": "norm", "bias": "bias"}.get(role)
-    return None
-
-
-def token_sum(t: Tensor, lengths: Optional[Tensor]) -> Tensor:
-    """sum_t t[n, t, :] over each example's valid prefix: [N, T, d] -> [N, d] float32, as a batched GEMV so
-    that the padded tensor is never copied."""
-    t = t.float()
-    if lengths is None:
-        return t.sum(1)
-    keep = (torch.arange(t.shape[1], device=t.device)[None, :] < lengths[:, None]).to(t.dtype)
-    return torch.bmm(keep.unsqueeze(1), t).squeeze(1)
-
-
-def materialize(contribution: Contribution, shape: torch.Size) -> Tensor:
-    """The per-example gradients [N, a, b] of one contribution (for audits, tests and small parameters)."""
-    right = masked_rows(contribution.right.float(), contribution.lengths)
-    if contribution.kind == "outer":
-        return torch.bmm(contribution.left.float().transpose(1, 2), right)
-    N = right.shape[0]
-    grads = right.new_zeros(N, *shape)
-    for n in range(N):
-        grads[n].index_add_(0, contribution.left[n], right[n])
-    return grads
+from .audit import AUDITS, audit
+from .outputs import terms as output_terms
+from .rules import Contribution, module_rule, token_sum
 
 
 class GradientCapture:
@@ -130,7 +56,7 @@ class GradientCapture:
             module_rule(m, role) and id(p) in self.names for role, p in m.named_parameters(recurse=False))]
         self.encoder = hf.encoder_modules(model)
         self.audited = False
-        cached = _AUDITS.get(model)
+        cached = AUDITS.get(model)
         if cached is not None and cached[0] == self._fingerprint():
             self.rules, self.reasons, self.audited = dict(cached[1]), dict(cached[2]), True
         self._batch: Optional[dict] = None
@@ -304,13 +230,13 @@ class GradientCapture:
         """One batch: forward with hooks, one backward per term (each delivered to the consumer), then the
         fallback parameters example by example. Returns the terms (detached). Must run inside attached()."""
         if not self.audited:
-            self._audit(batch, indices, term_fn)
-        terms = self._hooked_pass(batch, indices, term_fn, consumer)
+            audit(self, batch, indices, term_fn)
+        terms = self.hooked_pass(batch, indices, term_fn, consumer)
         if self.fallback_names:
             self._fallback(batch, indices, term_fn, consumer)
         return terms
 
-    def _hooked_pass(self, batch, indices, term_fn, consumer, first_term_only: bool = False) -> list[Tensor]:
+    def hooked_pass(self, batch, indices, term_fn, consumer, first_term_only: bool = False) -> list[Tensor]:
         """Forward with the hooks on, then one backward per term, each term's contributions flushed to the
         consumer when its backward ends. Returns the terms, detached."""
         inputs = hf.model_inputs(self.model, batch, self.device)
@@ -332,7 +258,7 @@ class GradientCapture:
         return [t.detach() for t in terms]
 
     @contextlib.contextmanager
-    def _requiring_grad(self, params: list):
+    def requiring_grad(self, params: list):
         """The given (otherwise frozen) parameters require gradients inside the block."""
         for p in params:
             p.requires_grad_(True)
@@ -346,7 +272,7 @@ class GradientCapture:
         names = self.fallback_names
         params = [self.params[name] for name in names]
         N = len(indices)
-        with self._requiring_grad(params):
+        with self.requiring_grad(params):
             for n in range(N):
                 single = {k: v[n:n + 1] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == N else v
                           for k, v in batch.items()}
@@ -356,63 +282,6 @@ class GradientCapture:
                     grads = torch.autograd.grad(term.sum(), params, retain_graph=j + 1 < len(terms), allow_unused=True)
                     for name, p, grad in zip(names, params, grads):
                         consumer.fallback(name, n, torch.zeros_like(p) if grad is None else grad)
-
-    def _audit(self, batch, indices, term_fn) -> None:
-        """Rules against autograd on the first example: mismatching parameters move to the fallback."""
-        self.audited = False
-        single = {k: v[:1] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-        mask = single.get("attention_mask")
-        if mask is not None and hf.is_prefix(mask):  # the example without its padding: cheaper, same rules
-            keep = max(int(mask.sum()), 1)
-            single = {k: v[:, :keep] if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-                      else v for k, v in single.items()}
-        recorder = _Recorder(self)
-        terms_index = indices[:1]
-        # first pass with the rules (this may already demote modules whose inputs have no batch dimension)
-        self._hooked_pass(single, terms_index, term_fn, recorder, first_term_only=True)
-        params = list(self.params.values())
-        with self._requiring_grad(params):
-            inputs = hf.model_inputs(self.model, single, self.device)
-            term = term_fn(self.model(**inputs).logits, single, terms_index)[0]
-            expected = torch.autograd.grad(term.sum(), params, allow_unused=True)
-        expected = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(params, expected)]
-        # gradients that vanish in exact arithmetic (a key bias under softmax's shift invariance) are rounding
-        # noise on both sides; they are compared against the typical entry of the whole gradient instead
-        norms = [torch.linalg.vector_norm(g) for g in expected]
-        typical = (sum(float(n) ** 2 for n in norms) / sum(g.numel() for g in expected)) ** 0.5
-        for (name, p), grad, grad_norm in zip(self.params.items(), expected, norms):
-            if self.rules[name] == "fallback":
-                continue
-            got = recorder.grads.get(name)
-            got = torch.zeros_like(grad) if got is None else got[0].reshape(grad.shape).float()
-            difference = got.sub_(grad)   # in place: both are scratch, and the word embeddings' are large
-            error = torch.linalg.vector_norm(difference)
-            got_norm = torch.linalg.vector_norm(grad.add_(difference))
-            scale = grad_norm + got_norm + AUDIT_FLOOR * typical * grad.numel() ** 0.5
-            if not bool(torch.isfinite(error)) or error > AUDIT_TOLERANCE * scale + 1e-30:
-                self.reasons[name] = (f"audit: the {self.rules[name]} rule missed part of its gradient "
-                                      f"(relative error {float(error / scale.clamp(min=1e-30)):.2g})")
-                self.rules[name] = "fallback"
-        self.audited = True
-        _AUDITS[self.model] = (self._fingerprint(), dict(self.rules), dict(self.reasons))
-
-
-class _Recorder:
-    """A consumer that materialises per-example gradients (the audit's, and small tests')."""
-
-    def __init__(self, capture: GradientCapture):
-        self.capture = capture
-        self.grads: dict[str, Tensor] = {}
-
-    def matrix(self, name, contributions):
-        shape = self.capture.params[name].shape
-        self.grads[name] = sum(materialize(c, shape) for c in contributions)
-
-    def vector(self, name, g):
-        self.grads[name] = g
-
-    def fallback(self, name, row, g):  # pragma: no cover - the audit skips fallback parameters
-        pass
 
 
 def _check_finite(terms: list[Tensor], indices: Tensor) -> None:
@@ -425,7 +294,7 @@ def _check_finite(terms: list[Tensor], indices: Tensor) -> None:
 
 
 def coverage(model: nn.Module, data=None, **batch_options) -> dict[str, str]:
-    """Which rule covers each trainable parameter of `model` (see this module's docstring).
+    """Which rule covers each trainable parameter of `model` (see decomp.gradients.rules).
 
     Without data the report is static (from module types); with data (anything ``compute_fisher`` accepts) the
     first example is also audited against autograd, which may move parameters to the exact fallback."""
@@ -433,10 +302,9 @@ def coverage(model: nn.Module, data=None, **batch_options) -> dict[str, str]:
     if data is not None:
         indices, batch = next(hf.batches(data, batch_size=1, **batch_options))
         with capture.attached():
-            capture._audit(batch, indices, lambda logits, b, i: _audit_terms(capture.task, logits, b, i))
+            audit(capture, batch, indices, lambda logits, b, i: _audit_terms(capture.task, logits, b, i))
     return capture.coverage()
 
 
 def _audit_terms(task, logits, batch, indices):
-    from .outputs import terms
-    return terms(task, logits, batch, indices, output="predicted")
+    return output_terms(task, logits, batch, indices, output="predicted")

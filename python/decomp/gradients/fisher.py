@@ -15,13 +15,12 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .. import distributed as shards
-from ..kernels import ops
-from . import hf
-from .capture import Contribution, GradientCapture, masked_rows
-from .outputs import fisher_terms
+from ..kernels import ops, validation
+from ..kernels.ops import masked_rows
+from .engine import GradientJob, ModelPass, batch_options
+from .outputs import FISHER_KINDS, fisher_terms
+from .rules import Contribution
 
 FORMAT = "decomp.fisher/1"
 
@@ -87,12 +86,21 @@ class Fisher(Mapping):
                    coverage=meta.get("coverage"), extra={k: v for k, v in meta.items() if k not in known})
 
 
-class _FisherSums:
-    """Consumer of GradientCapture: sums of squared per-example gradients, float32, in the parameters' shapes."""
+class FisherJob(GradientJob):
+    """Sums of squared per-example gradients, float32, in the parameters' shapes."""
 
-    def __init__(self, params: Mapping[str, Tensor]):
-        self.params = params
-        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+    def __init__(self, model, kind: str, seed: int):
+        super().__init__(model)
+        self.description = f"Fisher ({kind})"
+        self.kind, self.seed = kind, seed
+        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                     for name, p in self.params.items()}
+
+    def terms(self, logits, batch, indices):
+        return fisher_terms(self.capture.task, logits, batch, indices, kind=self.kind, seed=self.seed)
+
+    def totals(self):
+        return self.sums.values()
 
     def matrix(self, name: str, contributions: list[Contribution]) -> None:
         out = self.sums[name]
@@ -137,52 +145,18 @@ def compute_fisher(model, data, *, kind: str = "exact", batch_size: int = 32, ma
     distributed: under torch.distributed (an initialised process group, or True to require one) each rank takes
     its share of the batches (see decomp.distributed); the float32 sums and the example count are all-reduced, one
     tensor at a time in float64, and every rank returns the same Fisher."""
-    if kind not in ("exact", "sampled", "empirical"):
-        raise ValueError(f"kind must be 'exact', 'sampled' or 'empirical'; got {kind!r}")
-    capture = GradientCapture(model)
-    sums = _FisherSums(capture.params)
-    task = capture.task
-
-    def term_fn(logits, batch, indices):
-        return fisher_terms(task, logits, batch, indices, kind=kind, seed=seed)
-
-    shard = shards.world(distributed)
-    shards.check_same(shard, "compute_fisher", model, data, kind=kind, seed=seed, batch_size=batch_size,
-                      max_examples=max_examples, max_length=max_length, text_column=text_column,
-                      label_column=label_column)
-    examples = 0
-    stream = hf.batches(data, batch_size=batch_size, tokenizer=tokenizer, text_column=text_column,
-                        label_column=label_column, max_length=max_length, max_examples=max_examples, shard=shard)
-    with capture.attached(), tqdm(total=_total(data, max_examples, batch_size, shard), unit="ex",
-                                  disable=not progress or (shard and shard.rank), desc=f"Fisher ({kind})") as bar:
-        for indices, batch in stream:
-            capture.run(batch, indices, term_fn, sums)
-            examples += len(indices)
-            bar.update(len(indices))
-    for total in sums.sums.values():
-        shards.all_reduce_sum_(total, shard)
-    examples = shards.all_reduce_count(examples, shard, capture.device)
-    if examples == 0:
-        raise ValueError("data has no examples: the Fisher is a mean over examples")
-    return Fisher({name: total / examples for name, total in sums.sums.items()}, kind=kind, num_examples=examples,
-                  model=model_name(model), coverage=capture.coverage(), extra={"seed": seed} if kind == "sampled"
-                  else None)
+    validation.choice("kind", kind, FISHER_KINDS)
+    validation.seed(seed)
+    options = batch_options(batch_size=batch_size, max_examples=max_examples, tokenizer=tokenizer,
+                            text_column=text_column, label_column=label_column, max_length=max_length)
+    run = ModelPass("compute_fisher", model, data, options=options, progress=progress, distributed=distributed,
+                    settings={"kind": kind, "seed": seed})
+    job = FisherJob(model, kind, seed)
+    examples = run.run(job, device=job.capture.device)
+    return Fisher({name: total / examples for name, total in job.sums.items()}, kind=kind, num_examples=examples,
+                  model=model_name(model), coverage=job.capture.coverage(),
+                  extra={"seed": seed} if kind == "sampled" else None)
 
 
 def model_name(model) -> str:
     return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-
-
-def _total(data, max_examples, batch_size: int = 1, shard=None) -> Optional[int]:
-    """Examples this process will see (for progress bars): its share of the batches under a shard."""
-    try:
-        total = len(data)
-    except TypeError:
-        return max_examples if shard is None else None
-    if not hf._is_dataset(data):
-        return max_examples if shard is None else None
-    total = total if max_examples is None else min(total, max_examples)
-    if shard is None:
-        return total
-    return sum(min(batch_size, total - first) for first in range(0, total, batch_size)
-               if shard.owns(first // batch_size))

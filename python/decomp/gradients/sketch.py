@@ -18,15 +18,14 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .. import distributed as shards
-from ..kernels import ops
+from ..kernels import ops, validation
 from ..kernels.hashing import STREAM_DERIVE, STREAM_KRON_IN, STREAM_KRON_OUT, hash32, name_hash
-from . import hf
-from .capture import Contribution, GradientCapture, masked_rows, materialize
-from .fisher import _total, model_name
+from .engine import GradientJob, ModelPass, batch_options
+from .fisher import model_name
 from .outputs import OUTPUTS, terms as output_terms
+from .rules import Contribution, materialize
 from .store import RowStore, committed_rows, read_columns
 
 KRON_MIN_RATIO = 4  # a side shorter than 4 x its sketch side goes to the dense vector block instead
@@ -55,27 +54,53 @@ def sketch_layout(params: dict, *, seed: int, k_out: int, k_in: int, k_vector: i
     return blocks
 
 
-class _SketchRows:
-    """Consumer of GradientCapture: the sketch rows of one batch."""
+class SketchJob(GradientJob):
+    """The sketch rows of every batch: kron blocks from the layer factors, the rest gathered flat and sketched
+    densely; rows go to the store (committed batch by batch) or are kept in memory."""
 
-    def __init__(self, params: dict, blocks: list[dict], device):
-        self.params = params
+    description = "Sketching gradients"
+
+    def __init__(self, model, blocks: list[dict], config: dict, writer: Optional[RowStore]):
+        super().__init__(model)
+        self.config, self.writer, self.parts = config, writer, []
         self.kron = {b["name"]: b for b in blocks if b["kind"] == "kron"}
         self.vector_block = next((b for b in blocks if b["kind"] == "vector"), None)
         self.members = {m["name"]: m for m in self.vector_block["members"]} if self.vector_block else {}
         self.dim = sum(b["size"] for b in blocks)
-        self.device = device
+        device = self.capture.device
         self.projections = {}
         for name, b in self.kron.items():
             rows, cols = b["shape"]
             self.projections[name] = (
                 ops.projection_matrix(b["k_out"], rows, seed=b["seed"], stream=STREAM_KRON_OUT, device=device),
                 ops.projection_matrix(b["k_in"], cols, seed=b["seed"], stream=STREAM_KRON_IN, device=device))
+        self.predictions: Optional[Tensor] = None
+        self._indices: Optional[Tensor] = None
 
-    def begin(self, N: int) -> None:
-        self.z = torch.zeros(N, self.dim, dtype=torch.float32, device=self.device)
-        numel = self.vector_block["numel"] if self.vector_block else 0
-        self.flat = torch.zeros(N, numel, dtype=torch.float32, device=self.device)
+    def terms(self, logits, batch, indices):
+        if self.capture.task == "classification" and indices is self._indices:  # the batch's pass, not the audit's
+            self.predictions = logits.detach().argmax(-1)
+        config = self.config
+        return output_terms(self.capture.task, logits, batch, indices, output=config["output"], seed=config["seed"],
+                            target=config["target"])
+
+    def step(self, indices: Tensor, batch: dict) -> None:
+        N, device = len(indices), self.capture.device
+        self._indices, self.predictions = indices, None
+        self.z = torch.zeros(N, self.dim, dtype=torch.float32, device=device)
+        self.flat = torch.zeros(N, self.vector_block["numel"] if self.vector_block else 0, dtype=torch.float32,
+                                device=device)
+        super().step(indices, batch)
+        features = self._finish()
+        if self.config["k"] is not None:
+            features = ops.sketch_dense(features, k=self.config["k"], seed=derived_seed(self.config["seed"],
+                                                                                        "second stage"))
+        labels = batch.get("labels") if self.capture.task == "classification" else None
+        if self.writer is not None:
+            self.writer.write(int(indices[0]), features, indices, labels, self.predictions)   # row = example index
+        else:
+            self.parts.append((features.cpu(), indices, None if labels is None else labels.cpu(),
+                               None if self.predictions is None else self.predictions.cpu()))
 
     def _block(self, name: str) -> Tensor:
         b = self.kron[name]
@@ -93,14 +118,12 @@ class _SketchRows:
         S_rows, S_cols = self.projections[name]
         block = self._block(name)
         for c in contributions:
-            # project first, then mask padding on the small [N, T, k] side: the layer factors are never copied
             if c.kind == "outer":
-                projected_left = c.left.to(S_rows.dtype) @ S_rows.T              # [N, T, k_out]
+                block += ops.kronecker_from_projections(c.right, c.left, S_rows, S_cols, c.lengths)
             else:  # the one-hot side projects to the columns of S_rows at the ids
-                projected_left = S_rows.T[c.left]                                # [N, T, k_out]
-            projected_left = masked_rows(projected_left, c.lengths)
-            projected_right = c.right.to(S_cols.dtype) @ S_cols.T              # [N, T, k_in]
-            block += torch.bmm(projected_left.transpose(1, 2), projected_right).reshape(block.shape)
+                projected_left = ops.masked_rows(S_rows.T[c.left], c.lengths)               # [N, T, k_out]
+                projected_right = c.right.to(S_cols.dtype) @ S_cols.T                      # [N, T, k_in]
+                block += torch.bmm(projected_left.transpose(1, 2), projected_right).reshape(block.shape)
 
     def vector(self, name: str, g: Tensor) -> None:
         self._flat(name).add_(g.reshape(g.shape[0], -1))
@@ -112,7 +135,7 @@ class _SketchRows:
         else:
             self._flat(name)[row] += g.float().reshape(-1)
 
-    def finish(self) -> Tensor:
+    def _finish(self) -> Tensor:
         if self.vector_block is not None and self.flat.shape[0]:
             b = self.vector_block
             self.z[:, b["start"]:b["start"] + b["size"]] = ops.sketch_dense(self.flat, k=b["size"], seed=b["seed"])
@@ -185,7 +208,8 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
                      text_column: Optional[str] = None, label_column: Optional[str] = None,
                      max_length: Optional[int] = None, target: Optional[int] = None,
                      distributed: Optional[bool] = None) -> GradientSketch:
-    """Sketches of every example's gradient of `output` (see decomp.outputs) w.r.t. every trainable parameter.
+    """Sketches of every example's gradient of `output` (see decomp.gradients.outputs) w.r.t. every trainable
+    parameter.
 
     Defaults give MiniLM about 3,000 features: k_out x k_in = 8 x 8 per matrix, k_vector = 512 for the rest;
     `k` adds a second dense sketch of the whole down to k. `seed` fixes every projection (and the draws of
@@ -196,70 +220,36 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
     sketches its share of the batches (see decomp.distributed) into its rows of the one `store`, which is then
     required: the store reads as one [N, K] matrix in example order, bit-identical to a single process's, and each
     rank resumes on its own. Every rank returns the finished sketch, read from the store."""
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+    validation.choice("output", output, OUTPUTS)
+    validation.seed(seed)
     for name, value in (("k_out", k_out), ("k_in", k_in), ("k_vector", k_vector), ("k", k)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
-    capture = GradientCapture(model)
-    blocks = sketch_layout(capture.params, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector)
-    rows = _SketchRows(capture.params, blocks, capture.device)
-    config = {"model": model_name(model), "parameters": sum(p.numel() for p in capture.params.values()),
-              "output": output, "seed": seed, "k_out": k_out, "k_in": k_in, "k_vector": k_vector, "k": k,
-              "batch_size": batch_size, "target": target, "max_length": max_length}
-    dim = k if k is not None else rows.dim
-    shard = shards.world(distributed)
-    if shard is not None:
+        if value is not None:
+            validation.positive_int(name, value)
+    options = batch_options(batch_size=batch_size, max_examples=max_examples, tokenizer=tokenizer,
+                            text_column=text_column, label_column=label_column, max_length=max_length)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    blocks = sketch_layout(params, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector)
+    config = {"model": model_name(model), "parameters": sum(p.numel() for p in params.values()), "output": output,
+              "seed": seed, "k_out": k_out, "k_in": k_in, "k_vector": k_vector, "k": k, "batch_size": batch_size,
+              "target": target, "max_length": max_length}
+    world = shards.world(distributed)
+    if world is not None:
         if store is None:
             raise ValueError("sketch_gradients under torch.distributed needs store= (a directory every rank can "
                              "write): each rank writes its rows there instead of gathering them in one process")
-        config["world_size"] = shard.size
-    shards.check_same(shard, "sketch_gradients", model, data, max_examples=max_examples, config=config,
-                      store=str(Path(store).resolve()) if store is not None else None)
-    writer = _open_store(store, config, dim, blocks, shard) if store is not None else None
-    start = writer.next_example if writer is not None else 0
-    current: dict = {}
-    task = capture.task
-
-    def term_fn(logits, batch, indices):
-        if task == "classification" and indices is current["indices"]:  # the batch's pass, not audit or fallback
-            current["predictions"] = logits.detach().argmax(-1)
-        return output_terms(task, logits, batch, indices, output=output, seed=seed, target=target)
-
-    parts = []
-    stream = hf.batches(data, batch_size=batch_size, tokenizer=tokenizer, text_column=text_column,
-                        label_column=label_column, max_length=max_length, start=start, max_examples=max_examples,
-                        shard=shard)
-    total = _total(data, max_examples, batch_size, shard)
+        config["world_size"] = world.size
+    run = ModelPass("sketch_gradients", model, data, options=options, progress=progress, distributed=distributed,
+                    settings={"config": config, "store": str(Path(store).resolve()) if store is not None else None})
+    dim = k if k is not None else sum(b["size"] for b in blocks)
+    writer = _open_store(store, config, dim, blocks, run.world) if store is not None else None
+    job = SketchJob(model, blocks, config, writer)
     done = writer.progress["rows"] if writer is not None else 0
-    with capture.attached(), tqdm(total=total, initial=done, disable=not progress or (shard and shard.rank),
-                                  unit="ex", desc="Sketching gradients") as bar:
-        for indices, batch in stream:
-            current.update(indices=indices, predictions=None)
-            rows.begin(len(indices))
-            capture.run(batch, indices, term_fn, rows)
-            features = rows.finish()
-            if k is not None:
-                features = ops.sketch_dense(features, k=k, seed=derived_seed(seed, "second stage"))
-            labels = batch.get("labels") if task == "classification" else None
-            predicted = current["predictions"]
-            if writer is not None:
-                writer.write(int(indices[0]), features, indices, labels, predicted)   # row = example index
-            else:
-                parts.append((features.cpu(), indices, None if labels is None else labels.cpu(),
-                              None if predicted is None else predicted.cpu()))
-            bar.update(len(indices))
-    if writer is not None:
-        # The count's all-reduce also waits until every rank has committed its rows.
-        rows_written = shards.all_reduce_count(writer.progress["rows"], shard, capture.device)
-        if rows_written == 0:
-            raise ValueError("data has no examples to sketch")
-        if shard is None or shard.rank == 0:
-            writer.finish(rows_written, {"coverage": capture.coverage()})
-        shards.barrier(shard)
-        return GradientSketch.load(store)
-    if not parts:
-        raise ValueError("data has no examples to sketch")
-    def column(i):
-        return None if parts[0][i] is None else torch.cat([p[i] for p in parts])
-    return GradientSketch(column(0), column(1), column(2), column(3), blocks, config, capture.coverage())
+    rows = run.run(job, start=writer.next_example if writer is not None else 0, done=done, device=job.capture.device)
+    if writer is None:
+        def column(i):
+            return None if job.parts[0][i] is None else torch.cat([p[i] for p in job.parts])
+        return GradientSketch(column(0), column(1), column(2), column(3), blocks, config, job.capture.coverage())
+    if run.writes:
+        writer.finish(rows, {"coverage": job.capture.coverage()})
+    shards.barrier(run.world)
+    return GradientSketch.load(store)

@@ -111,6 +111,10 @@ def offset(value) -> None:
         raise ValueError(f"offset must be an int in [0, 2**63); got {value!r}")
 
 
+def choice(name: str, value, choices: Sequence) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
 def distribution(value) -> None:
-    if value not in DISTRIBUTIONS:
-        raise ValueError(f"dist must be one of {', '.join(DISTRIBUTIONS)}; got {value!r}")
+    choice("dist", value, DISTRIBUTIONS)
