@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import decomp
-from decomp.merging.merge import dare_mask
+from decomp.merging.methods.ties import dare_mask
 
 
 def states(M=3, seed=0):

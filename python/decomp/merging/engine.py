@@ -1,0 +1,260 @@
+"""The merge engine: checks every input before any work, plans which tensors are merged, copied or kept per task,
+then streams the merged tensors one at a time through the registered method's formula.
+
+θ* from fine-tuned θ_1..θ_M of one base θ_0, task vectors τ_m = θ_m - θ_0, per-model weights λ_m; the methods and
+their formulas are in ``decomp/merging/methods/`` (``decomp.merge_methods()`` lists them with their parameters).
+Models are read one tensor at a time (safetensors files are opened lazily), so memory stays near one model plus a
+few tensors; a method that needs a global statistic (TIES' thresholds) computes it in its ``prepare`` step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .registry import NEED_DOCS, MergeMethod, get_method, merge_methods
+from .sources import Source
+
+
+class MergedState(dict):
+    """The merged state dict; ``.heads[m]`` holds the tensors kept per task (shapes differing across models),
+    ``.recipe`` what was done, and ``.notes`` per-tensor decisions (which tensors were copied or averaged)."""
+    heads: dict
+    recipe: dict
+    notes: dict
+
+
+@dataclass
+class Plan:
+    """What becomes of each tensor: merged by the method, copied from one model (index; `why` says why), kept per
+    task (shapes differ and heads="per_task"), or left out (`skipped`: key -> why)."""
+    merged: list[str] = field(default_factory=list)
+    copied: dict[str, int] = field(default_factory=dict)
+    per_task: list[str] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MergeContext:
+    """What a method's prepare step and formula see: the inputs (sources, the base, λ weights), the validated
+    parameters (read-only), what the method needs (fishers [M] of key -> tensor, grams [M] of module -> [in, in],
+    components [M] lists of component Fishers), the plan, what prepare() returned, and per-tensor notes."""
+    method: MergeMethod
+    sources: list[Source]
+    base: Optional[Source]
+    weights: list[float]
+    params: Mapping[str, Any]
+    plan: Plan
+    fishers: Optional[list[Mapping[str, Tensor]]] = None
+    grams: Optional[list[Mapping[str, Tensor]]] = None
+    components: Optional[list[list[Mapping[str, Tensor]]]] = None
+    prepared: Any = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def note(self, key: str, text: str) -> None:
+        """Records a per-tensor decision (e.g. averaged for want of a Fisher); it ends in the result's notes."""
+        self.notes[key] = text
+
+    def base_value(self, key: str) -> Tensor:
+        """θ_0[key] in float64."""
+        return self.base.get(key).double()
+
+    def task_vectors(self, key: str, values: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """(θ_0[key], [τ_m = θ_m - θ_0 for each model]) in float64."""
+        base = self.base_value(key)
+        return base, [v - base for v in values]
+
+    def mean(self, values: list[Tensor], weights: Optional[Sequence[float]] = None) -> Tensor:
+        """Σ λ_m v_m / Σ λ_m (λ: the merge's weights unless given)."""
+        weights = self.weights if weights is None else weights
+        return sum(w * v for w, v in zip(weights, values)) / sum(weights)
+
+
+def merge(models: Sequence, *, method: str, base=None, weights: Optional[Sequence[float]] = None,
+          fishers: Optional[Sequence] = None, grams: Optional[Sequence] = None, heads=None, missing: str = "error",
+          progress: bool = False, **params) -> MergedState:
+    """Merges `models` (nn.Modules, state dicts, safetensors files or save_pretrained folders) by `method`, a name
+    of ``decomp.merge_methods()``; `params` are that method's parameters.
+
+    weights: per-model λ (default 1 each; average and fisher normalise by their sum). fishers / grams: one per
+    model, for the methods that need them. heads: what to do with tensors whose shapes differ across models
+    (classification heads with different label counts): None raises, "per_task" keeps each model's in
+    ``result.heads[m]``, an int takes that model's. Integer buffers are copied (and must agree). missing: "error"
+    (default) when an input lacks a tensor the others hold, or "skip" to leave such tensors out (listed in
+    ``result.notes``); tensors only the base holds are always left out. Every input is checked before any tensor
+    is merged; an error names the first mismatching tensor."""
+    declaration = get_method(method)
+    if not isinstance(models, (list, tuple)) or len(models) < 1:
+        raise ValueError("models must be a non-empty list of models, state dicts or paths")
+    M = len(models)
+    values = declaration.validate(params, M)
+    weights = [1.0] * M if weights is None else [float(w) for w in weights]
+    if len(weights) != M:
+        raise ValueError(f"weights must hold one λ per model ({M}); got {len(weights)}")
+    sources = [Source(m, f"model {i}") for i, m in enumerate(models)]
+    base_source = Source(base, "base") if base is not None else None
+    _check_needs(declaration, base_source, fishers, grams)
+    plan = make_plan(sources, base_source, heads, missing)
+    context = MergeContext(declaration, sources, base_source, weights, values, plan)
+    _attach_inputs(context, fishers, grams)
+    if declaration.prepare is not None:
+        context.prepared = declaration.prepare(context)
+    result = _run(context, progress)
+    result.recipe = {"method": method, "weights": weights, "parameters": dict(values), "heads": heads,
+                     "models": [s.path and str(s.path) for s in sources],
+                     "base": base_source.path and str(base_source.path) if base_source else None}
+    return result
+
+
+def _run(context: MergeContext, progress: bool) -> MergedState:
+    """Streams the merged tensors (each input read once per tensor), then copies, per-task heads and notes."""
+    sources, plan = context.sources, context.plan
+    result = MergedState()
+    result.heads, result.notes = {m: {} for m in range(len(sources))}, {}
+    keys = plan.merged
+    if progress:
+        from tqdm.auto import tqdm
+        keys = tqdm(keys, desc=f"Merging ({context.method.name})", unit="tensor")
+    for key in keys:
+        values = [s.get(key).double() for s in sources]
+        result[key] = context.method.formula(key, values, context).to(sources[0].dtype(key))
+    for key, source_index in plan.copied.items():
+        result[key] = sources[source_index].get(key).clone()
+        result.notes[key] = f"copied from model {source_index} ({plan.why[key]})"
+    for key in plan.per_task:
+        for m, source in enumerate(sources):
+            result.heads[m][key] = source.get(key).clone()
+    result.notes.update({key: f"left out: {why}" for key, why in plan.skipped.items()})
+    result.notes.update(context.notes)
+    return result
+
+
+def _check_needs(method: MergeMethod, base, fishers, grams) -> None:
+    """What the method needs is given, and nothing is given that it would ignore."""
+    if "base" in method.needs and base is None:
+        raise ValueError(f"method={method.name!r} works on task vectors: pass base= (the model they were "
+                         f"fine-tuned from)")
+    for name, given, needed_by in (("fishers", fishers, ("fishers", "components")), ("grams", grams, ("grams",))):
+        if given is not None and not set(needed_by) & set(method.needs):
+            users = [m.name for m in merge_methods().values() if set(needed_by) & set(m.needs)]
+            raise ValueError(f"{name}= is used by method={' and '.join(map(repr, users))}, not {method.name!r}")
+
+
+def _attach_inputs(context: MergeContext, fishers, grams) -> None:
+    """Loads and checks the Fishers, component Fishers and Grams the method needs, before any tensor is merged."""
+    needs, M, name = context.method.needs, len(context.sources), context.method.name
+    for need, given in (("fishers", fishers), ("components", fishers), ("grams", grams)):
+        if need in needs and (given is None or len(given) != M):
+            raise ValueError(f"method={name!r} needs {NEED_DOCS[need]} ({M}); got "
+                             f"{'none' if given is None else len(given)}")
+    keys = context.plan.merged
+    if "fishers" in needs:
+        context.fishers = [_load_fisher(f, context.sources[m], keys, f"the Fisher of model {m}")
+                           for m, f in enumerate(fishers)]
+    if "components" in needs:
+        if any(not isinstance(per_model, (list, tuple)) for per_model in fishers):
+            raise ValueError(f"method={name!r} needs {NEED_DOCS['components']}")
+        context.components = [[_load_fisher(f, context.sources[m], keys, f"component {c} of model {m}")
+                               for c, f in enumerate(per_model)] for m, per_model in enumerate(fishers)]
+    if "grams" in needs:
+        context.grams = list(grams)
+
+
+def _load_fisher(fisher, source: Source, keys: list[str], what: str) -> Mapping[str, Tensor]:
+    if isinstance(fisher, (str, Path)):
+        from ..gradients.fisher import Fisher
+        fisher = Fisher.load(fisher)
+    for key in keys:
+        if key in fisher and tuple(fisher[key].shape) != source.shape(key):
+            raise ValueError(f"{what} has {key!r} of shape {tuple(fisher[key].shape)}, the model "
+                             f"{source.shape(key)}: a Fisher of another model?")
+    if not any(key in fisher for key in keys):
+        raise ValueError(f"{what} holds none of the model's tensors: a Fisher of another model?")
+    return fisher
+
+
+# --- the plan ------------------------------------------------------------------------------------------------------
+
+def make_plan(sources: list[Source], base: Optional[Source], heads, missing: str = "error") -> Plan:
+    """Which keys are merged, copied or kept per task; raises on the first incompatibility. Keys only the base
+    holds (stale buffers of an older save) are left out; keys some inputs lack are an error, or with
+    missing="skip" left out of the result and listed in its notes."""
+    if missing not in ("error", "skip"):
+        raise ValueError(f"missing must be 'error' or 'skip'; got {missing!r}")
+    plan = Plan()
+    inputs = sources + ([base] if base is not None else [])
+    every = set.intersection(*(set(s.keys) for s in inputs))
+    for source in inputs[1:]:
+        _compare_keys(sources[0], source, source is base, missing, plan)
+    for key in sources[0].keys:
+        if key in every:
+            _place(key, sources, base, heads, plan)
+    if base is not None:
+        plan.skipped.update({k: "only in the base" for k in base.keys if all(k not in s.keys for s in sources)})
+    return plan
+
+
+def _compare_keys(first: Source, source: Source, is_base: bool, missing: str, plan: Plan) -> None:
+    absent = [k for k in first.keys if k not in source.keys]
+    extra = [k for k in source.keys if k not in first.keys and not is_base]
+    for key in absent + extra:
+        if missing == "skip":
+            plan.skipped[key] = f"not in every input (e.g. {source.name})"
+            continue
+        raise ValueError(f"{source.name} and model 0 hold different tensors: {key!r} is "
+                         f"{'missing from ' + source.name if key in absent else 'only in ' + source.name} "
+                         f"({len(absent)} missing, {len(extra)} extra); merge models of one architecture, "
+                         f"or pass missing='skip' to leave such tensors out")
+
+
+def _place(key: str, sources: list[Source], base: Optional[Source], heads, plan: Plan) -> None:
+    """Puts one key every input holds into the plan."""
+    shapes = [s.shape(key) for s in sources]
+    if len(set(shapes)) > 1 or (base is not None and base.shape(key) != shapes[0] and heads is None):
+        if heads is None:
+            raise ValueError(f"tensor {key!r} has different shapes across models ({shapes}); a head with "
+                             f"different label counts: pass heads='per_task' or heads=<index of a model>")
+        if heads == "per_task":
+            plan.per_task.append(key)
+        else:
+            plan.copied[key] = _model_index(heads, len(sources))
+            plan.why[key] = "shapes differ across models; heads= names this model"
+    elif not sources[0].dtype(key).is_floating_point:
+        values = [s.get(key) for s in sources]
+        if any(not torch.equal(values[0], v) for v in values[1:]):
+            raise ValueError(f"integer tensor {key!r} differs across models; it cannot be merged")
+        plan.copied[key] = 0
+        plan.why[key] = "integer buffer, equal in all models"
+    elif base is not None and base.shape(key) != shapes[0]:
+        plan.copied[key] = _model_index(heads, len(sources)) if heads != "per_task" else 0
+        plan.why[key] = "shape differs from the base"
+    else:
+        plan.merged.append(key)
+
+
+def _model_index(heads, M: int) -> int:
+    if isinstance(heads, bool) or not isinstance(heads, int) or not 0 <= heads < M:
+        raise ValueError(f"heads must be None, 'per_task' or a model index in [0, {M}); got {heads!r}")
+    return heads
+
+
+# --- choosing a coefficient ----------------------------------------------------------------------------------------
+
+def search_coefficients(make: Callable[[float], Mapping], grid: Sequence[float], score: Callable[[Mapping], float]):
+    """Tries each coefficient of `grid` (make(c) -> merged state, score(state) -> higher is better, on a held-out
+    split, never the test split). Returns (best coefficient, its state, [(coefficient, score)])."""
+    if not len(grid):
+        raise ValueError("grid must hold at least one coefficient")
+    scored, best = [], None
+    for value in grid:
+        state = make(value)
+        result = float(score(state))
+        scored.append((value, result))
+        if best is None or result > best[1]:
+            best = (value, result, state)
+    return best[0], best[2], scored

@@ -1,0 +1,100 @@
+"""Inputs of a merge, read lazily tensor by tensor: an nn.Module, a state dict, a safetensors file or a
+save_pretrained folder, behind one small interface (keys, shape, dtype, get, fingerprint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class Source:
+    """Uniform, lazy access to the tensors of an nn.Module, a state dict, a safetensors file or a folder."""
+
+    def __init__(self, model, name: str):
+        self.name = name
+        if isinstance(model, torch.nn.Module):
+            self._tensors = model.state_dict()
+            self.path = getattr(getattr(model, "config", None), "_name_or_path", None)
+            self.model = model
+        elif isinstance(model, Mapping):
+            self._tensors, self.path, self.model = dict(model), None, None
+        else:
+            self.path, self.model = Path(model), None
+            self._tensors = {}
+            for file in _safetensors_files(self.path):
+                reader = SafetensorsReader(file)
+                self._tensors.update({key: reader for key in reader.entries})
+        self.keys = list(self._tensors)
+
+    def get(self, key: str) -> Tensor:
+        value = self._tensors[key]
+        return value if isinstance(value, Tensor) else value.get(key)
+
+    def shape(self, key: str) -> tuple:
+        value = self._tensors[key]
+        return tuple(value.shape) if isinstance(value, Tensor) else tuple(value.entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        value = self._tensors[key]
+        return value.dtype if isinstance(value, Tensor) else value.dtype(key)
+
+    def fingerprint(self) -> str:
+        """A content hash (sha256 of the safetensors files, or of the tensors' bytes)."""
+        digest = hashlib.sha256()
+        if self.path is not None and Path(self.path).exists():
+            for file in _safetensors_files(Path(self.path)):
+                with open(file, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+            return digest.hexdigest()
+        for key in sorted(self.keys):
+            digest.update(key.encode())
+            digest.update(self.get(key).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+class SafetensorsReader:
+    """Reads single tensors from a safetensors file with plain reads (no memory map), so that what a merge has
+    read is freed when it is done with it and resident memory tracks the tensors in use."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        header.pop("__metadata__", None)
+        self.start = 8 + size
+        self.entries = header
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.DTYPES[self.entries[key]["dtype"]]
+
+    def get(self, key: str) -> Tensor:
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        with open(self.path, "rb") as handle:
+            handle.seek(self.start + begin)
+            data = bytearray(handle.read(end - begin))
+        if not data:
+            return torch.empty(entry["shape"], dtype=self.dtype(key))
+        return torch.frombuffer(data, dtype=self.dtype(key)).reshape(entry["shape"])
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {path} does not exist")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model folder {path} holds no .safetensors file")
+    return files
