@@ -19,15 +19,12 @@ from torch import Tensor, nn
 from . import hf
 from .audit import AUDITS, audit
 from .outputs import terms as output_terms
-from .rules import Contribution, module_rule, token_sum
+from .rules import Contribution, assign_rules, module_rule, token_sum
 
 
 class GradientCapture:
-    """Rules, hooks and the per-batch driver shared by compute_fisher, sketch_gradients and collect passes.
-
-    A consumer receives, per backward pass, ``matrix(name, contributions)`` for linear/conv1d/embedding
-    parameters, ``vector(name, g [N, numel])`` for norm and bias parameters, and ``fallback(name, row, g)`` for
-    each example of a fallback parameter."""
+    """Hooks and the per-batch driver of the passes that consume per-example gradients (GradientJob): each
+    backward pass delivers every covered parameter's gradient to a GradientConsumer (decomp.gradients.engine)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -37,23 +34,7 @@ class GradientCapture:
             raise ValueError("model has no trainable parameters (requires_grad=True): nothing to compute")
         self.names = {id(p): name for name, p in self.params.items()}
         self.device = next(iter(self.params.values())).device
-        self.rules: dict[str, str] = {}
-        self.reasons: dict[str, str] = {}
-        owners: dict[str, list] = {name: [] for name in self.params}
-        for module in model.modules():
-            for role, p in module.named_parameters(recurse=False):
-                if id(p) in self.names:
-                    owners[self.names[id(p)]].append((module, role, module_rule(module, role)))
-        for name, uses in owners.items():
-            missing = [type(m).__name__ for m, _, rule in uses if rule is None]
-            found = {rule for _, _, rule in uses if rule is not None}
-            if uses and not missing:
-                self.rules[name] = "+".join(sorted(found))
-            else:
-                self.rules[name] = "fallback"
-                self.reasons[name] = f"no rule for {', '.join(missing) or 'a parameter used outside modules'}"
-        self.modules = [m for m in model.modules() if any(
-            module_rule(m, role) and id(p) in self.names for role, p in m.named_parameters(recurse=False))]
+        self.rules, self.reasons, self.modules = assign_rules(model, self.params)
         self.encoder = hf.encoder_modules(model)
         self.audited = False
         cached = AUDITS.get(model)

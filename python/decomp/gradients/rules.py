@@ -86,3 +86,25 @@ def materialize(contribution: Contribution, shape: torch.Size) -> Tensor:
     for n in range(N):
         grads[n].index_add_(0, contribution.left[n], right[n])
     return grads
+
+
+def assign_rules(model: nn.Module, params: dict) -> tuple[dict, dict, list]:
+    """(rule per parameter name, reason per fallback parameter, the modules to hook). A parameter gets a fast rule
+    only when every module that owns it has one (tied uses joined by '+'); else the exact fallback."""
+    names = {id(p): name for name, p in params.items()}
+    owners: dict[str, list] = {name: [] for name in params}
+    for module in model.modules():
+        for role, p in module.named_parameters(recurse=False):
+            if id(p) in names:
+                owners[names[id(p)]].append((module, module_rule(module, role)))
+    rules, reasons = {}, {}
+    for name, uses in owners.items():
+        missing = [type(m).__name__ for m, rule in uses if rule is None]
+        if uses and not missing:
+            rules[name] = "+".join(sorted({rule for _, rule in uses}))
+        else:
+            rules[name] = "fallback"
+            reasons[name] = f"no rule for {', '.join(missing) or 'a parameter used outside modules'}"
+    modules = [m for m in model.modules() if any(
+        module_rule(m, role) and id(p) in names for role, p in m.named_parameters(recurse=False))]
+    return rules, reasons, modules
