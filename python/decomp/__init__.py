@@ -15,13 +15,14 @@ from .analysis import Alignment, Components, cluster, component_fishers, ica, pc
 from .gradients import Fisher, GradientSketch, collect_grams, compute_fisher, coverage, sketch_gradients
 from .kernels import ops
 from .kernels.native import build_info
-from .merging import MergedState, merge, merge_recipe, save_merged, search_coefficients, submodel
+from .merging import (MergedState, merge, merge_methods, merge_recipe, register_merge_method, save_merged,
+                      search_coefficients, submodel)
 
 __version__ = build_info()["version"]
 
 __all__ = ["ops", "reference", "build_info", "__version__", "coverage", "Fisher", "compute_fisher", "GradientSketch",
            "sketch_gradients", "Components", "Alignment", "pca", "ica", "cluster", "prepare", "component_fishers",
-           "merge", "MergedState",
+           "merge", "merge_methods", "register_merge_method", "MergedState",
            "collect_grams", "submodel", "save_merged", "merge_recipe", "search_coefficients"]
 
 
