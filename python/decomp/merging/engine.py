@@ -93,6 +93,8 @@ def merge(models: Sequence, *, method: str, base=None, weights: Optional[Sequenc
         raise ValueError("models must be a non-empty list of models, state dicts or paths")
     M = len(models)
     values = declaration.validate(params, M)
+    if weights is not None and not declaration.weighted:
+        raise ValueError(f"method={method!r} takes no per-model weights (it is defined without them)")
     weights = [1.0] * M if weights is None else [float(w) for w in weights]
     if len(weights) != M:
         raise ValueError(f"weights must hold one λ per model ({M}); got {len(weights)}")

@@ -74,16 +74,17 @@ def dare_ties(key: str, values: list[Tensor], context) -> Tensor:
 def _dropped(key: str, values: list[Tensor], context) -> tuple[Tensor, list[Tensor]]:
     base, taus = context.task_vectors(key, values)
     seed, density = context.params["seed"], context.params["density"]
-    return base, [t * dare_mask(seed, m, key, t.shape, density) / density for m, t in enumerate(taus)]
+    return base, [t * dare_mask(seed, m, key, t.shape, density).to(t.device) / density for m, t in enumerate(taus)]
 
 
 def dare_mask(seed: int, model_index: int, key: str, shape, density: float) -> Tensor:
     """Which entries DARE keeps: uniform(hash(seed, model, tensor, entry)) < density, a pure function of those."""
-    return _uniforms(seed, model_index, key, shape) < density
+    return hash_uniforms(seed, model_index, key, shape) < density
 
 
-def _uniforms(seed: int, model_index: int, key: str, shape) -> Tensor:
-    """One uniform in (0, 1) per entry, float64 of `shape`, from the counter-based hash on the DARE stream."""
+def hash_uniforms(seed: int, model_index: int, key: str, shape) -> Tensor:
+    """One uniform in (0, 1) per entry, float64 of `shape`, a pure function of (seed, model, tensor, entry): the
+    counter-based hash on the stream DARE and DELLA draw their drops from."""
     numel = math.prod(shape)
     row = torch.tensor((zlib.crc32(key.encode()) ^ (model_index * 0x9E3779B1)) & 0xFFFFFFFF)
     bits = hash32(seed, STREAM_DARE, row, torch.arange(numel, dtype=torch.int64))
