@@ -1,0 +1,60 @@
+"""TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in Model Merging"):
+each task's matrix update compressed to its top singular vectors, the tasks' singular vectors decorrelated by
+orthogonalising them jointly.
+
+Checked against the authors' code (github.com/AntoAndGar/task_singular_vectors, src/utils/TSVM_utils.py,
+compute_and_sum_svd_mem_reduction): every 2-D tensor is merged through its SVD (embeddings included; the authors
+leave out only CLIP's text projection), every other tensor by the mean of the task vectors, and the merged task
+vector is added with one coefficient chosen on validation data (here `scale`, default 1.0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..registry import register_merge_method
+from .linear import SCALE
+
+
+def svd_dtype(key: str, context) -> torch.dtype:
+    """float32 (the SVDs' precision, on the tensors' device), or float64 for models held in float64."""
+    return torch.float64 if context.sources[0].dtype(key) == torch.float64 else torch.float32
+
+
+def polar(matrix: Tensor) -> Tensor:
+    """The orthogonal matrix closest to `matrix` [a, b] (Frobenius norm): P Qᵀ from its thin SVD P S Qᵀ."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def weighted_task_vectors(key: str, values: list[Tensor], context) -> tuple[Tensor, list[Tensor]]:
+    """(θ_0, [λ_m τ_m]): the SVD methods take each task vector scaled by its weight (1 unless given)."""
+    base, taus = context.task_vectors(key, values)
+    return base, [w * t for w, t in zip(context.weights, taus)]
+
+
+@register_merge_method("tsv", needs=("base",), parameters=[SCALE])
+def tsv(key: str, values: list[Tensor], context) -> Tensor:
+    """TSV-M: the tasks' top singular vectors, orthogonalised jointly (Gargiulo et al., CVPR 2025).
+
+    Per 2-D tensor, r = min(shape), k = ⌊r / M⌋: τ_m = U_m Σ_m V_mᵀ, keep each task's top k triplets,
+    U = [U_1[:, :k] .. U_M[:, :k]] [out, Mk], Σ = diag(Σ_1[:k] .. Σ_M[:k]), V likewise [in, Mk];
+    U⊥ = polar(U), V⊥ = polar(V) (the closest orthogonal matrices, P Qᵀ of their SVDs), Δ = U⊥ Σ V⊥ᵀ.
+    Other tensors: Δ = (1/M) Σ_m τ_m. θ = θ_0 + scale·Δ, with τ_m scaled by its λ_m first. When M > r, k = 0
+    and the matrix keeps θ_0 (noted). SVDs in float32 on the tensors' device (float64 for float64 models)."""
+    base, taus = weighted_task_vectors(key, values, context)
+    if base.dim() != 2:
+        return base + context.params["scale"] * sum(taus) / len(taus)
+    k = min(base.shape) // len(taus)
+    if k == 0:
+        context.note(key, f"tsv: {len(taus)} tasks exceed the rank {min(base.shape)}: kept from the base")
+        return base
+    us, ss, vhs = [], [], []
+    for tau in taus:
+        u, s, vh = torch.linalg.svd(tau.to(svd_dtype(key, context)), full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    delta = polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vhs, 0))
+    return base + context.params["scale"] * delta.double()

@@ -1,0 +1,126 @@
+"""The merge methods added to the registry (TSV-M, Iso-C, Iso-CTS, SLERP, Model Stock, Model Breadcrumbs, DELLA),
+each against its published formula computed here by hand in float64 with numpy on small matrices."""
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import decomp
+from decomp.kernels.hashing import STREAM_DARE, hash32
+
+
+def states(M=3, seed=0, shapes=None):
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"attn.weight": (10, 12), "mlp.weight": (7, 5), "mlp.bias": (7,), "conv.weight": (3, 2, 2)}
+    base = {k: torch.randn(*s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    models = [{k: v + 0.3 * torch.randn(*v.shape, generator=g, dtype=torch.float64) for k, v in base.items()}
+              for _ in range(M)]
+    return base, models
+
+
+def numpy_taus(base, models, key):
+    return [m[key].numpy() - base[key].numpy() for m in models]
+
+
+def close(got, expected, tolerance=1e-10):
+    np.testing.assert_allclose(got.numpy() if isinstance(got, torch.Tensor) else got, expected, rtol=tolerance,
+                               atol=tolerance)
+
+
+def polar(a):
+    p, _, qh = np.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+# --- TSV-M -----------------------------------------------------------------------------------------------------------
+
+def tsv_by_hand(taus):
+    r, M = min(taus[0].shape), len(taus)
+    k = r // M
+    svds = [np.linalg.svd(t, full_matrices=False) for t in taus]
+    U = np.concatenate([u[:, :k] for u, _, _ in svds], axis=1)
+    S = np.diag(np.concatenate([s[:k] for _, s, _ in svds]))
+    Vt = np.concatenate([vt[:k] for _, _, vt in svds], axis=0)
+    return polar(U) @ S @ polar(Vt)
+
+
+def test_tsv_merges_matrices_by_their_orthogonalised_task_singular_vectors():
+    base, models = states()
+    merged = decomp.merge(models, method="tsv", base=base, scale=0.7)
+    for key in ("attn.weight", "mlp.weight"):   # r = 10 -> k = 3 per task; r = 5 -> k = 1
+        close(merged[key], base[key].numpy() + 0.7 * tsv_by_hand(numpy_taus(base, models, key)))
+    for key in ("mlp.bias", "conv.weight"):      # not matrices: the mean of the task vectors
+        close(merged[key], base[key].numpy() + 0.7 * np.mean(numpy_taus(base, models, key), axis=0))
+
+
+def test_tsv_of_tasks_in_orthogonal_subspaces_is_the_sum_of_their_truncations():
+    # τ_m = Σ_j σ_mj a_mj b_mjᵀ with every a (and every b) orthonormal across tasks: the kept singular vectors are
+    # already orthogonal, so TSV adds each task's top ⌊r/M⌋ = ⌊5/2⌋ = 2 terms (task 0 loses its third)
+    rng = np.random.default_rng(3)
+    A, _ = np.linalg.qr(rng.standard_normal((10, 5)))
+    B, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    terms = [[(5.0, 0), (4.0, 1), (0.5, 2)], [(3.0, 3), (2.5, 4)]]
+    taus = [sum(s * np.outer(A[:, j], B[:, j]) for s, j in task) for task in terms]
+    kept = sum(s * np.outer(A[:, j], B[:, j]) for task in terms for s, j in task[:2])
+    base = {"w": torch.zeros(10, 5, dtype=torch.float64)}
+    merged = decomp.merge([{"w": torch.from_numpy(t)} for t in taus], method="tsv", base=base)
+    close(merged["w"], kept)
+
+
+def test_svd_methods_run_in_float32_for_float32_models():
+    base, models = states()
+    as32 = [{k: v.float() for k, v in m.items()} for m in models]
+    merged = decomp.merge(as32, method="tsv", base={k: v.float() for k, v in base.items()})
+    assert merged["attn.weight"].dtype == torch.float32
+    taus = [m["attn.weight"].float().double().numpy() - base["attn.weight"].float().double().numpy() for m in models]
+    expected = base["attn.weight"].float().double().numpy() + tsv_by_hand(taus)
+    np.testing.assert_allclose(merged["attn.weight"].double().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+# --- Iso-C and Iso-CTS ------------------------------------------------------------------------------------------------
+
+def test_iso_c_flattens_the_spectrum_of_the_task_arithmetic_update():
+    base, models = states()
+    weights = [0.5, 1.0, 2.0]
+    merged = decomp.merge(models, method="iso_c", base=base, weights=weights, scale=1.3)
+    for key in ("attn.weight", "mlp.weight"):
+        total = sum(w * t for w, t in zip(weights, numpy_taus(base, models, key)))
+        u, s, vt = np.linalg.svd(total, full_matrices=False)
+        delta = (merged[key].numpy() - base[key].numpy()) / 1.3
+        close(delta, s.mean() * u @ vt)
+        close(np.linalg.svd(delta, compute_uv=False), np.full(min(total.shape), s.sum() / min(total.shape)))
+    bias = sum(w * t for w, t in zip(weights, numpy_taus(base, models, "mlp.bias"))) / 3
+    close(merged["mlp.bias"], base["mlp.bias"].numpy() + 1.3 * bias)
+
+
+def iso_cts_by_hand(taus, common, per_task):
+    u, s, vt = np.linalg.svd(sum(taus), full_matrices=False)
+    Uc, Sc, Vc = u[:, :common], s[:common], vt[:common]
+    Us, Ss, Vs = [], [], []
+    for t in taus:
+        outside = t - Uc @ Uc.T @ t
+        ut, st, vtt = np.linalg.svd(outside, full_matrices=False)
+        Us.append(ut[:, :per_task])
+        Ss.append(st[:per_task])
+        Vs.append(vtt[:per_task])
+    mean = np.concatenate(Ss + [Sc]).mean()
+    return mean * polar(np.concatenate(Us + [Uc], axis=1)) @ polar(np.concatenate(Vs + [Vc], axis=0))
+
+
+@pytest.mark.parametrize("fraction,sizes", [
+    (0.8, {"attn.weight": (7, 1), "mlp.weight": (5, 0)}),   # r=10: ⌊8⌋, round(2/3)·3 = 3 -> 7 + 3·1
+    (0.5, {"attn.weight": (4, 2), "mlp.weight": (2, 1)}),   # r=10: 5, round(5/3)·3 = 6 -> 4 + 3·2; r=5: 2 + 3·1
+])
+def test_iso_cts_adds_task_specific_directions_outside_the_common_subspace(fraction, sizes):
+    base, models = states()
+    merged = decomp.merge(models, method="iso_cts", base=base, common_space_fraction=fraction)
+    for key, (common, per_task) in sizes.items():
+        close(merged[key], base[key].numpy() + iso_cts_by_hand(numpy_taus(base, models, key), common, per_task))
+    close(merged["conv.weight"], base["conv.weight"].numpy() + np.mean(numpy_taus(base, models, "conv.weight"), 0))
+    everything_common = decomp.merge(models, method="iso_cts", base=base, common_space_fraction=1.0)
+    iso_c = decomp.merge(models, method="iso_c", base=base)
+    for key in base:
+        close(everything_common[key], iso_c[key].numpy())
