@@ -124,3 +124,72 @@ def test_iso_cts_adds_task_specific_directions_outside_the_common_subspace(fract
     iso_c = decomp.merge(models, method="iso_c", base=base)
     for key in base:
         close(everything_common[key], iso_c[key].numpy())
+
+
+# --- SLERP -----------------------------------------------------------------------------------------------------------
+
+def slerp_by_hand(t, a, b):
+    a, b = a.ravel(), b.ravel()
+    cos = np.dot(a / np.linalg.norm(a), b / np.linalg.norm(b))
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    omega = np.arccos(cos)
+    return np.sin((1 - t) * omega) / np.sin(omega) * a + np.sin(t * omega) / np.sin(omega) * b
+
+
+def test_slerp_interpolates_on_the_sphere_and_falls_back_to_lerp_when_colinear():
+    _, models = states(M=2)
+    merged = decomp.merge(models, method="slerp", t=0.3)
+    for key in models[0]:
+        close(merged[key], slerp_by_hand(0.3, models[0][key].numpy(), models[1][key].numpy()).reshape(
+            models[0][key].shape))
+    ends = [decomp.merge(models, method="slerp", t=t) for t in (0.0, 1.0)]
+    for key in models[0]:
+        close(ends[0][key], models[0][key].numpy())
+        close(ends[1][key], models[1][key].numpy())
+    colinear = [{"w": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)},
+                {"w": torch.tensor([2.0, 4.0, 6.0 + 1e-6], dtype=torch.float64)}]
+    close(decomp.merge(colinear, method="slerp", t=0.25)["w"], 0.75 * colinear[0]["w"].numpy() +
+          0.25 * colinear[1]["w"].numpy())
+    with pytest.raises(ValueError, match="exactly two models"):
+        decomp.merge(models * 2, method="slerp")
+    with pytest.raises(ValueError, match="takes no per-model weights"):
+        decomp.merge(models, method="slerp", weights=[1, 2])
+    with pytest.raises(ValueError, match="t must be a number in \\[0, 1\\]; got 1.5"):
+        decomp.merge(models, method="slerp", t=1.5)
+
+
+# --- Model Stock -----------------------------------------------------------------------------------------------------
+
+def model_stock_by_hand(base, tuned, filter_wise=False):
+    shape = base.shape
+    rows = (lambda x: x.reshape(1, -1) if x.ndim < 2 else x) if filter_wise else (lambda x: x.reshape(1, -1))
+    w0, ws = rows(base), [rows(w) for w in tuned]
+    offsets = [w - w0 for w in ws]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            dot = (offsets[i] * offsets[j]).sum(-1)
+            cos.append(np.clip(dot / np.maximum(np.linalg.norm(offsets[i], axis=-1) *
+                                                np.linalg.norm(offsets[j], axis=-1), 1e-6), -1, 1))
+    c = np.mean(cos, axis=0)[..., None]
+    N = len(ws)
+    t = N * c / (1 + (N - 1) * c)
+    return (t * np.mean(ws, axis=0) + (1 - t) * w0).reshape(shape)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_pulls_the_average_towards_the_base_by_the_angle(filter_wise):
+    base, models = states()
+    merged = decomp.merge(models, method="model_stock", base=base, filter_wise=filter_wise)
+    for key in base:
+        close(merged[key], model_stock_by_hand(base[key].numpy(), [m[key].numpy() for m in models], filter_wise))
+    # two fine-tuned models: the paper's t = 2 cos θ / (1 + cos θ)
+    a, b = models[0]["mlp.bias"].numpy() - base["mlp.bias"].numpy(), models[1]["mlp.bias"].numpy() - \
+        base["mlp.bias"].numpy()
+    cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    t = 2 * cos / (1 + cos)
+    pair = decomp.merge(models[:2], method="model_stock", base=base)
+    close(pair["mlp.bias"], base["mlp.bias"].numpy() + t * (a + b) / 2)
+    with pytest.raises(ValueError, match="at least two fine-tuned models"):
+        decomp.merge(models[:1], method="model_stock", base=base)
