@@ -193,3 +193,94 @@ def test_model_stock_pulls_the_average_towards_the_base_by_the_angle(filter_wise
     close(pair["mlp.bias"], base["mlp.bias"].numpy() + t * (a + b) / 2)
     with pytest.raises(ValueError, match="at least two fine-tuned models"):
         decomp.merge(models[:1], method="model_stock", base=base)
+
+
+# --- Model Breadcrumbs ------------------------------------------------------------------------------------------------
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest_entries_then_adds():
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.randn(10, 10, generator=g, dtype=torch.float64)}
+    models = [{"w": base["w"] + torch.randn(10, 10, generator=g, dtype=torch.float64)} for _ in range(2)]
+    merged = decomp.merge(models, method="breadcrumbs", base=base, density=0.8, gamma=0.05, weights=[1.0, 0.5],
+                          scale=0.9)
+    expected = base["w"].numpy().copy()
+    for w, model in zip([1.0, 0.5], models):
+        tau = (model["w"] - base["w"]).numpy()
+        order = np.argsort(np.abs(tau).ravel())           # ascending magnitude
+        keep = np.zeros(100, bool)
+        keep[order[15:95]] = True                          # bottom 100 - 80 - 5 = 15 and top 5 removed
+        expected += 0.9 * w * np.where(keep.reshape(10, 10), tau, 0.0)
+    close(merged["w"], expected)
+    # gamma beyond 1 - density: fewer top entries go (10 instead of 20) and no bottom ones
+    wide = decomp.merge(models[:1], method="breadcrumbs", base=base, density=0.9, gamma=0.2)
+    tau = (models[0]["w"] - base["w"]).numpy()
+    kept = np.argsort(np.abs(tau).ravel())[:90]
+    expected = np.zeros(100)
+    expected[kept] = tau.ravel()[kept]
+    close(wide["w"], base["w"].numpy() + expected.reshape(10, 10))
+    everything = decomp.merge(models, method="breadcrumbs", base=base, density=1.0)
+    arithmetic = decomp.merge(models, method="task_arithmetic", base=base)
+    close(everything["w"], arithmetic["w"].numpy())
+
+
+# --- DELLA -----------------------------------------------------------------------------------------------------------
+
+def uniforms_by_hand(seed, model_index, key, shape):
+    """The counter-based hash of (seed, model, tensor, entry) mapped to (0, 1), as DARE draws it."""
+    row = torch.tensor((zlib.crc32(key.encode()) ^ (model_index * 0x9E3779B1)) & 0xFFFFFFFF)
+    bits = hash32(seed, STREAM_DARE, row, torch.arange(math.prod(shape), dtype=torch.int64))
+    return (((bits >> 8).double().numpy() + 0.5) / 2 ** 24).reshape(shape)
+
+
+def della_by_hand(base, models, key, density, epsilon, seed, weights, scale):
+    dropped = []
+    for m, model in enumerate(models):
+        tau = model[key].numpy() - base[key].numpy()
+        rows = tau.reshape(1, -1) if tau.ndim < 2 else tau.reshape(tau.shape[0], -1)
+        ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1, kind="stable")
+        p = (density - epsilon + 2 * epsilon * ranks / (rows.shape[1] - 1)).reshape(tau.shape)
+        survives = uniforms_by_hand(seed, m, key, tau.shape) < p
+        dropped.append(weights[m] * np.where(survives, tau / p, 0.0))
+    stacked = np.stack(dropped)
+    sign = np.sign(stacked.sum(0))
+    agree = (np.sign(stacked) == sign) & (stacked != 0)
+    weight_sum = (agree * np.array(weights).reshape(-1, *([1] * tau.ndim))).sum(0)
+    mean = np.where(weight_sum > 0, (stacked * agree).sum(0) / np.maximum(weight_sum, 1e-300), 0.0)
+    return base[key].numpy() + scale * mean
+
+
+def test_della_drops_by_magnitude_rank_rescales_and_elects_signs():
+    base, models = states()
+    merged = decomp.merge(models, method="della", base=base, density=0.6, epsilon=0.2, seed=4, weights=[1, 2, 1],
+                          scale=0.8)
+    for key in base:
+        close(merged[key], della_by_hand(base, models, key, 0.6, 0.2, 4, [1.0, 2.0, 1.0], 0.8))
+    again = decomp.merge(models, method="della", base=base, density=0.6, epsilon=0.2, seed=4, weights=[1, 2, 1],
+                         scale=0.8)
+    assert all(torch.equal(merged[k], again[k]) for k in base)
+    with pytest.raises(ValueError, match="density ± epsilon must lie in \\(0, 1\\]"):
+        decomp.merge(models, method="della", base=base, density=0.9, epsilon=0.2)
+
+
+def test_della_keeps_large_entries_more_often_and_is_unbiased():
+    n = 4000
+    base = {"w": torch.zeros(n, dtype=torch.float64)}
+    tuned = {"w": torch.linspace(0.5, 1.5, n, dtype=torch.float64)}   # magnitude rank = position
+    runs = torch.stack([decomp.merge([tuned], method="della", base=base, density=0.5, epsilon=0.3, seed=s)["w"]
+                        for s in range(20)])
+    kept = (runs != 0).double()
+    assert abs(float(kept[:, :400].mean()) - 0.23) < 0.03 and abs(float(kept[:, -400:].mean()) - 0.77) < 0.03
+    # E[τ̃] = τ: each entry kept with p and divided by p
+    assert abs(float(runs.mean()) - float(tuned["w"].mean())) < 0.02
+
+
+def test_every_new_method_is_listed_with_its_parameters():
+    methods = decomp.merging.merge_methods()
+    assert methods["tsv"].defaults() == {"scale": 1.0} and methods["iso_c"].defaults() == {"scale": 1.0}
+    assert methods["iso_cts"].defaults() == {"scale": 1.0, "common_space_fraction": 0.8}
+    assert methods["slerp"].defaults() == {"t": 0.5} and methods["model_stock"].defaults() == {"filter_wise": False}
+    assert methods["breadcrumbs"].defaults() == {"density": 0.9, "gamma": 0.01, "scale": 1.0}
+    assert methods["della"].defaults() == {"density": 0.7, "epsilon": 0.07, "seed": 0, "scale": 1.0}
+    for name in ("tsv", "iso_c", "iso_cts", "model_stock", "breadcrumbs", "della"):
+        assert methods[name].needs == ("base",), name
+    assert methods["slerp"].needs == () and not methods["slerp"].weighted
