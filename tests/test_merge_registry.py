@@ -2,6 +2,7 @@
 parameters are validated from their declarations; recipes are checked against the registry's schema."""
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -189,6 +190,9 @@ def test_the_recipe_schema_is_generated_from_the_registry(max_abs):
                  for rule in schema["allOf"]}
     assert by_method["ties"]["properties"]["density"]["default"] == 0.2
     assert by_method["max_abs"]["properties"]["scale"]["type"] == "number"
+    assert by_method["components"]["required"] == ["select"] and "default" not in by_method["components"][
+        "properties"]["select"]
+    assert json.loads(json.dumps(schema)) == schema   # plain JSON, for editors
 
 
 # the same method, registered by a file a recipe names in `plugins:` (the CLI runs in a process of its own)

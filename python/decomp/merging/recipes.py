@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import MergedState, merge
-from .registry import get_method, merge_methods, suggestion
+from .registry import REQUIRED, get_method, merge_methods, suggestion
 from .saving import save_merged
 
 # top-level keys: (JSON-schema type, what it holds)
@@ -60,11 +60,7 @@ def recipe_schema() -> dict:
     registered method the parameters it takes (with defaults, types and docs)."""
     methods = merge_methods()
     per_method = [{"if": {"properties": {"method": {"const": name}}},
-                   "then": {"properties": {"parameters": {
-                       "type": "object", "additionalProperties": False,
-                       "properties": {p.name: {"description": p.doc, "default": p.default, **(
-                           {"type": JSON_TYPES[p.type]} if p.type in JSON_TYPES else {})}
-                           for p in method.parameters}}}}}
+                   "then": {"properties": {"parameters": _parameters_schema(method)}}}
                   for name, method in methods.items()]
     model = {"type": "object", "required": ["path"], "additionalProperties": False,
              "properties": {k: {"type": t, "description": d} for k, (t, d) in MODEL_KEYS.items()}}
@@ -74,6 +70,19 @@ def recipe_schema() -> dict:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "decomp merge recipe",
             "type": "object", "required": ["method", "models"], "additionalProperties": False,
             "properties": properties, "$defs": {"model": model}, "allOf": per_method}
+
+
+def _parameters_schema(method) -> dict:
+    """The JSON Schema of one method's `parameters:` mapping."""
+    properties = {}
+    for p in method.parameters:
+        entry = {"description": f"{p.doc} ({p.expected()})"}
+        entry.update({"type": JSON_TYPES[p.type]} if p.type in JSON_TYPES else {})
+        entry.update({"default": p.default} if p.default is not REQUIRED else {})
+        properties[p.name] = entry
+    required = [p.name for p in method.parameters if p.default is REQUIRED]
+    return {"type": "object", "additionalProperties": False, "properties": properties,
+            **({"required": required} if required else {})}
 
 
 def read_recipe(recipe_path) -> dict:

@@ -96,7 +96,8 @@ def disjoint_mean(taus: list[Tensor], weights: list[float]) -> Tensor:
     stacked = torch.stack([w * t for w, t in zip(weights, taus)])
     sign = torch.sign(stacked.sum(0))
     agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    weight_sum = (agree * torch.tensor(weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))).sum(0)
+    column = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    weight_sum = (agree * column).sum(0)
     return torch.where(weight_sum > 0, (stacked * agree).sum(0) / weight_sum.clamp(min=1e-300),
                        torch.zeros_like(sign))
 
@@ -127,12 +128,12 @@ def _global_thresholds(context, density: float) -> list[float]:
         for m, source in enumerate(sources):
             magnitude = (source.get(key).double() - origin).abs().flatten()
             magnitude = magnitude[magnitude > 0]
-            yield m, torch.bucketize(torch.log(magnitude), edges), magnitude
+            yield m, torch.bucketize(torch.log(magnitude), edges.to(magnitude.device)), magnitude
 
     counts = torch.zeros(M, HISTOGRAM_BINS, dtype=torch.int64)
     for key in keys:
         for m, buckets, _ in magnitudes(key):
-            counts[m] += torch.bincount(buckets, minlength=HISTOGRAM_BINS)
+            counts[m] += torch.bincount(buckets, minlength=HISTOGRAM_BINS).cpu()
     total = sum(math.prod(sources[0].shape(k)) for k in keys)
     keep = max(1, int(round(density * total)))
     above = torch.flip(torch.cumsum(torch.flip(counts, [1]), 1), [1])   # [M, bins]: values in bins >= b
