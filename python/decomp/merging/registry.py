@@ -203,7 +203,8 @@ class MergeMethod:
 
     def __str__(self) -> str:
         needs = f" needs {', '.join(self.needs)}" if self.needs else ""
-        lines = [f"{self.name}{needs}: {self.summary}"]
+        unweighted = " (no per-model weights)" if not self.weighted else ""
+        lines = [f"{self.name}{needs}{unweighted}: {self.summary}"]
         return "\n".join(lines + [f"    {p}" for p in self.parameters])
 
 
@@ -212,6 +213,8 @@ class MethodTable(dict):
 
     def __str__(self) -> str:
         return "\n".join(str(method) for method in self.values())
+
+    __repr__ = __str__   # the table, not nested dataclass reprs, in a REPL or notebook
 
 
 _REGISTRY: dict[str, MergeMethod] = {}

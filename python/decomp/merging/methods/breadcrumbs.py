@@ -40,8 +40,7 @@ def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
               Interval(0, 1, "[)")),
     SCALE])
 def breadcrumbs(key: str, values: list[Tensor], context) -> Tensor:
-    """Model Breadcrumbs: drop each task vector's largest and smallest entries, then task arithmetic (Davari &
-    Belilovsky, 2024).
+    """Breadcrumbs: drop each task vector's largest and smallest entries, then add (Davari & Belilovsky, 2024).
 
     τ̃_m = τ_m ∘ breadcrumbs_mask(τ_m, density, gamma) per tensor; θ = θ_0 + scale Σ_m λ_m τ̃_m."""
     base, taus = context.task_vectors(key, values)
