@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -158,19 +159,38 @@ class Components:
                         if isinstance(v, Tensor)})
         meta = {"format": "decomp.components/1", "kind": self.kind, "total_variance": self.total_variance,
                 "meta": {k: v for k, v in self.meta.items() if not isinstance(v, Tensor)}}
-        partial = path.with_name(path.name + ".partial")
-        save_file(tensors, str(partial), metadata={"decomp": json.dumps(meta)})
-        os.replace(partial, path)
+        handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file(tensors, partial, metadata={"decomp": json.dumps(meta)})
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path) -> "Components":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("decomp", "{}"))
-            if meta.get("format") != "decomp.components/1":
-                raise ValueError(f"{path} holds no decomp components")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        """Reads a file written by Components.save; a missing, truncated or foreign file is an error naming it."""
+        from safetensors import SafetensorError, safe_open
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"components file {str(path)!r} does not exist (or is not a file)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {}).get("decomp", "{}"))
+                if not isinstance(meta, dict) or meta.get("format") != "decomp.components/1":
+                    raise ValueError(f"{path} holds no decomp components (no decomp.components/1 metadata)")
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not a readable components file (a safetensors file written by "
+                             f"Components.save): {error}") from None
+        missing = [name for name in ("loadings", "directions", "mixing", "unmixing", "mean", "explained_variance")
+                   if name not in tensors] + [key for key in ("kind", "total_variance") if key not in meta]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}; it is not a complete components file")
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: tensor {name!r} holds non-finite values")
         extra = {**meta.get("meta", {}), **{k[5:]: v for k, v in tensors.items() if k.startswith("meta.")}}
         return cls(meta["kind"], tensors["loadings"], tensors["directions"], tensors["mixing"], tensors["unmixing"],
                    tensors["mean"], tensors["explained_variance"], meta["total_variance"], tensors.get("indices"),

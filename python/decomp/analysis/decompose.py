@@ -65,10 +65,31 @@ def pca(x, n_components: int, *, center: bool = True, method: str = "auto", seed
             U, S, Vh = _randomized_svd(centred, n_components, seed)
         U, S, Vh = U[:, :n_components], S[:n_components], Vh[:n_components]
         directions, variance, scores = Vh, S.square() / (N - 1), U * S
+    _check_spectrum(variance, total, N, K, n_components, center, method)
     directions, scores = _fix_signs(directions, scores)
     return Components("pca", scores.float(), directions.float(), directions.T.float(), directions.float(),
                       mean.float(), variance.float(), total, _indices(x),
                       {"method": method, "center": center, **_sketch_config(x)})
+
+
+RANK_TOLERANCE = 2.0 ** -24   # float32 features: singular values below max(N, K) * u * the largest are rounding
+
+
+def _check_spectrum(variance: Tensor, total: float, N: int, K: int, n_components: int, center: bool,
+                    method: str) -> None:
+    """Degenerate decompositions are errors: features without variance, or of lower rank than n_components (whose
+    trailing components would be rounding noise explaining ~1e-30 of the variance)."""
+    what = "centred features" if center else "features"
+    if not total > 0 or not bool(torch.isfinite(variance).all()):
+        raise ValueError(f"the {what} have zero variance (every one of the N = {N} examples is the same"
+                         f"{' up to the mean' if center else ''}): there is nothing to decompose")
+    floor = float(variance.max()) * (max(N, K) * RANK_TOLERANCE) ** 2
+    rank = int((variance > floor).sum())
+    if rank < n_components:
+        limit = f"min(N - 1, K) = {min(N - 1, K)}" if center else f"min(N, K) = {min(N, K)}"
+        raise ValueError(f"n_components={n_components} exceeds the rank of the [{N}, {K}] {what}, which is "
+                         f"{rank}{' or fewer' if method == 'randomized' else ''} (at most {limit}): components beyond "
+                         f"it would be rounding noise; ask for n_components <= {rank}")
 
 
 def _streaming_moments(features: Tensor, center: bool) -> tuple[Tensor, Tensor]:
@@ -143,6 +164,10 @@ def cluster(x, k: int, *, seed: int = 0, whiten: Optional[int] = None, n_init: i
     if whiten is not None:
         scores = pca(features, whiten).loadings
         features = prepare(scores / scores.std(0, keepdim=True).clamp(min=1e-30), normalize=True)
+    distinct = len(torch.unique(features.float(), dim=0))
+    if distinct < k:
+        raise ValueError(f"k={k} exceeds the number of distinct examples ({distinct} of N = {N}): k-means cannot "
+                         f"form {k} non-empty clusters; ask for k <= {distinct}")
     model = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(features.double().numpy())
     labels = torch.from_numpy(model.labels_).long()
     centres = torch.from_numpy(model.cluster_centers_).float()

@@ -10,6 +10,9 @@ run by ``ModelPass``; the engine owns what they share, so that they cannot disag
   progress  one tqdm bar per pass, counting this rank's examples, shown by rank 0 only
   totals    the job's sums all-reduced over the ranks at the end, one tensor at a time, additions in float64
   empty     a pass over no example is an error, never an all-zero result
+  inputs    token ids beyond the model's vocabulary, labels beyond its classes and language-model batches with
+            no target token at all are errors naming the examples, before the model runs (never an index error deep
+            in the model, nor a batch that silently adds zero)
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from typing import ContextManager, Iterable, Optional, Protocol
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -62,6 +66,8 @@ class GradientJob(PassJob):
     """A job that consumes per-example gradients: the capture's hooks, and one capture.run per batch with the
     job's output terms. Subclasses implement ``terms`` and the GradientConsumer methods."""
 
+    uses_labels = False   # whether the job's output reads a classifier's gold labels (checked against num_labels)
+
     def __init__(self, model):
         self.capture = GradientCapture(model)
 
@@ -73,11 +79,74 @@ class GradientJob(PassJob):
         return self.capture.attached()
 
     def step(self, indices: Tensor, batch: dict) -> None:
+        check_inputs(self.capture.model, self.capture.task, batch, indices, labels=self.uses_labels)
         self.capture.run(batch, indices, self.terms, self)
 
     def terms(self, logits: Tensor, batch: dict, indices: Tensor) -> list[Tensor]:
         """The scalar outputs [N] whose per-example gradients this job takes (see decomp.gradients.outputs)."""
         raise NotImplementedError
+
+
+def _vocabulary(model) -> Optional[int]:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    return size if isinstance(size, int) else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def _first_bad(bad: Tensor, indices: Tensor, values: Tensor) -> str:
+    """'example i (value v at position t)' of the first True entry of bad [N] or [N, T]."""
+    where = bad.nonzero()[0].tolist()
+    position = f" at position {where[1]}" if len(where) > 1 else ""
+    return f"example {int(indices[where[0]])} (value {int(values[tuple(where)])}{position})"
+
+
+def check_inputs(model, task: str, batch: dict, indices: Tensor, *, labels: bool = False) -> None:
+    """Raises ValueError naming the example when token ids fall outside the model's vocabulary, gold labels
+    (labels=True) outside a classifier's classes, target tokens outside the vocabulary, or when a language-model
+    batch has no target token at all (its gradients would all be zero; a single short example adds zero, as its
+    gradient is zero)."""
+    vocabulary = _vocabulary(model)
+    mask = batch.get("attention_mask")
+    mask = mask.bool() if isinstance(mask, Tensor) else None
+    ids = batch.get("input_ids")
+    if isinstance(ids, Tensor) and vocabulary is not None and ids.numel():
+        bad = (ids < 0) | (ids >= vocabulary)
+        if mask is not None and mask.shape == ids.shape:
+            bad &= mask
+        if bool(bad.any()):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={vocabulary}) (the model's vocabulary); got "
+                             f"{_first_bad(bad, indices, ids)}: do the tokenizer and the model match?")
+    gold = batch.get("labels")
+    if isinstance(gold, Tensor) and not gold.is_floating_point() and gold.numel():
+        if task in ("classification", "token_classification"):
+            limit, what = getattr(getattr(model, "config", None), "num_labels", None), "num_labels"
+            limit = limit if labels or task == "token_classification" else None
+        else:
+            limit, what = vocabulary, "vocab_size"
+        if limit:
+            bad = (gold < 0) | (gold >= limit)
+            if task != "classification":
+                bad &= gold != -100
+            if bool(bad.any()):
+                raise ValueError(f"labels must lie in [0, {what}={limit}) (the model's "
+                                 f"{'classes' if what == 'num_labels' else 'vocabulary'})"
+                                 f"{'' if task == 'classification' else ' or be -100'}; got "
+                                 f"{_first_bad(bad, indices, gold)}")
+    if task == "causal_lm" and isinstance(ids, Tensor):
+        targets = (gold if isinstance(gold, Tensor) else ids)[:, 1:] != -100
+        if mask is not None and mask.shape == ids.shape:
+            targets &= mask[:, 1:] & mask[:, :-1]
+        empty = ~targets.any(1) if targets.shape[1] else torch.ones(ids.shape[0], dtype=torch.bool)
+    elif task == "seq2seq" and isinstance(gold, Tensor):
+        empty = ~(gold != -100).reshape(gold.shape[0], -1).any(1)
+    else:
+        return
+    if empty.numel() and bool(empty.all()):
+        named = [int(i) for i in indices[:10]]
+        raise ValueError(f"no example of the batch has a target token (examples {named}"
+                         f"{', ...' if len(indices) > 10 else ''}): a {task} output sums over target tokens, so "
+                         f"their gradients would all be zero; each example needs at least 2 real tokens (and a "
+                         f"label other than -100)")
 
 
 def batch_options(*, batch_size: int = 32, max_examples: Optional[int] = None, tokenizer=None,

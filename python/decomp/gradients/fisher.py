@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator, Optional
@@ -56,34 +57,86 @@ class Fisher(Mapping):
         return {"format": FORMAT, "kind": self.kind, "num_examples": self.num_examples, "model": self.model,
                 "coverage": self.coverage, **self.extra}
 
-    def save(self, path) -> Path:
-        """Writes a safetensors file (metadata: kind, num_examples, model, coverage) atomically: a failed save
-        leaves no partial file at `path`."""
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Writes a safetensors file (metadata: kind, num_examples, model, coverage) atomically: into a hidden
+        temporary sibling, then renamed, so a failed save leaves nothing behind. An existing `path` is replaced
+        only with overwrite=True and only if it holds a decomp Fisher; anything else there is never touched."""
         from safetensors.torch import save_file
         path = Path(path)
+        if path.exists() or path.is_symlink():
+            if not _is_fisher_file(path):
+                raise FileExistsError(f"path {str(path)!r} exists and is not a decomp Fisher file: Fisher.save never "
+                                      f"replaces what decomp did not write; choose another path")
+            if not overwrite:
+                raise FileExistsError(f"path {str(path)!r} already holds a Fisher: pass overwrite=True to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self._tensors.items()}
-        save_file(tensors, str(partial), metadata={"format": "pt", "decomp": json.dumps(self.metadata())})
-        os.replace(partial, path)
+        handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file(tensors, partial, metadata={"format": "pt", "decomp": json.dumps(self.metadata())})
+            with open(partial, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path, device=None) -> "Fisher":
-        from safetensors import safe_open
+        """Reads a file written by Fisher.save. Every tensor is checked: a file that is not safetensors, is
+        truncated, lacks decomp's metadata, or holds a non-finite or negative entry is a ValueError naming the path
+        (and the tensor)."""
+        meta, tensors = _read_fisher_file(path)
+        if device is not None:
+            tensors = {name: t.to(device) for name, t in tensors.items()}
+        known = ("format", "kind", "num_examples", "model", "coverage")
+        return cls(tensors, kind=meta["kind"], num_examples=meta["num_examples"], model=meta.get("model", ""),
+                   coverage=meta.get("coverage"), extra={k: v for k, v in meta.items() if k not in known})
+
+
+def _read_fisher_file(path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError, safe_open
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Fisher file {str(path)!r} does not exist (or is not a file)")
+    try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             raw = (handle.metadata() or {}).get("decomp")
             if raw is None:
                 raise ValueError(f"{path} is a safetensors file without decomp's Fisher metadata")
             meta = json.loads(raw)
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} holds {meta.get('format')!r}, expected {FORMAT!r}")
-        if device is not None:
-            tensors = {name: t.to(device) for name, t in tensors.items()}
-        known = ("format", "kind", "num_examples", "model", "coverage")
-        return cls(tensors, kind=meta["kind"], num_examples=meta["num_examples"], model=meta.get("model", ""),
-                   coverage=meta.get("coverage"), extra={k: v for k, v in meta.items() if k not in known})
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a readable Fisher file (a safetensors file written by Fisher.save): "
+                         f"{error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} holds {meta.get('format') if isinstance(meta, dict) else meta!r}, expected "
+                         f"{FORMAT!r}")
+    for key in ("kind", "num_examples"):
+        if key not in meta:
+            raise ValueError(f"{path}: the Fisher metadata lack {key!r}")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} is {t.dtype}, not floating point; not a Fisher")
+        bad = ~(torch.isfinite(t) & (t >= 0))
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{path}: tensor {name!r} has entry {float(t[where])} at {list(where)}; a Fisher is "
+                             f"finite and >= 0")
+    return meta, tensors
+
+
+def _is_fisher_file(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = (handle.metadata() or {}).get("decomp")
+        return raw is not None and json.loads(raw).get("format") == FORMAT
+    except Exception:
+        return False
 
 
 class FisherJob(GradientJob):
@@ -93,6 +146,7 @@ class FisherJob(GradientJob):
         super().__init__(model)
         self.description = f"Fisher ({kind})"
         self.kind, self.seed = kind, seed
+        self.uses_labels = kind == "empirical"
         self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                      for name, p in self.params.items()}
 

@@ -12,7 +12,9 @@ E[<z_n, z_m>] = <g_n, g_m>, built block by block, each block a pure function of 
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +28,7 @@ from .engine import GradientJob, ModelPass, batch_options
 from .fisher import model_name
 from .outputs import OUTPUTS, terms as output_terms
 from .rules import Contribution, materialize
-from .store import RowStore, committed_rows, read_columns
+from .store import RowStore, committed_rows, data_digest, read_columns, read_meta, weights_fingerprint
 
 KRON_MIN_RATIO = 4  # a side shorter than 4 x its sketch side goes to the dense vector block instead
 
@@ -63,6 +65,10 @@ class SketchJob(GradientJob):
     def __init__(self, model, blocks: list[dict], config: dict, writer: Optional[RowStore]):
         super().__init__(model)
         self.config, self.writer, self.parts = config, writer, []
+        self.uses_labels = config["output"] in ("logprob", "loss")
+        # resuming or reusing a store: the committed examples' inputs are re-hashed (no model run) and compared
+        self.digest, self.hashed = 0, 0
+        self.checked = writer is None or (writer.next_example == 0 and not writer.meta["complete"])
         self.kron = {b["name"]: b for b in blocks if b["kind"] == "kron"}
         self.vector_block = next((b for b in blocks if b["kind"] == "vector"), None)
         self.members = {m["name"]: m for m in self.vector_block["members"]} if self.vector_block else {}
@@ -84,8 +90,23 @@ class SketchJob(GradientJob):
         return output_terms(self.capture.task, logits, batch, indices, output=config["output"], seed=config["seed"],
                             target=config["target"])
 
+    def check_data(self, more: bool = False) -> None:
+        """Checks the data's committed prefix against the store (once, before any new row is computed)."""
+        if not self.checked:
+            self.writer.check_data(self.digest, self.hashed, more)
+            self.checked = True
+
     def step(self, indices: Tensor, batch: dict) -> None:
         N, device = len(indices), self.capture.device
+        if not self.checked:
+            first, resume = int(indices[0]), self.writer.next_example
+            if first < resume:   # committed already: only hashed, to check that these are the same data
+                if first + N > resume:
+                    raise ValueError(f"cannot resume store {self.writer.root} at example {resume}: it falls inside "
+                                     f"a batch ({first}..{first + N}); resume with the batches of the interrupted run")
+                self.digest, self.hashed = data_digest(indices, batch, self.digest), self.hashed + N
+                return
+            self.check_data(more=True)
         self._indices, self.predictions = indices, None
         self.z = torch.zeros(N, self.dim, dtype=torch.float32, device=device)
         self.flat = torch.zeros(N, self.vector_block["numel"] if self.vector_block else 0, dtype=torch.float32,
@@ -97,7 +118,9 @@ class SketchJob(GradientJob):
                                                                                         "second stage"))
         labels = batch.get("labels") if self.capture.task == "classification" else None
         if self.writer is not None:
-            self.writer.write(int(indices[0]), features, indices, labels, self.predictions)   # row = example index
+            self.digest = data_digest(indices, batch, self.writer.progress["data"] or 0)
+            self.writer.write(int(indices[0]), features, indices, labels, self.predictions,   # row = example index
+                              data=self.digest)
         else:
             self.parts.append((features.cpu(), indices, None if labels is None else labels.cpu(),
                                None if self.predictions is None else self.predictions.cpu()))
@@ -142,13 +165,13 @@ class SketchJob(GradientJob):
         return self.z
 
 
-def _open_store(store, config, dim, blocks, shard) -> RowStore:
+def _open_store(store, config, dim, blocks, shard, weights: str) -> RowStore:
     """Rank 0 creates or checks the store before the other ranks open it."""
     if shard is None:
-        return RowStore(store, config, dim, blocks)
-    writer = RowStore(store, config, dim, blocks, rank=0) if shard.rank == 0 else None
+        return RowStore(store, config, dim, blocks, weights=weights)
+    writer = RowStore(store, config, dim, blocks, rank=0, weights=weights) if shard.rank == 0 else None
     shards.barrier(shard)
-    return writer or RowStore(store, config, dim, blocks, rank=shard.rank)
+    return writer or RowStore(store, config, dim, blocks, rank=shard.rank, weights=weights)
 
 
 class GradientSketch:
@@ -171,19 +194,25 @@ class GradientSketch:
         return (f"GradientSketch({len(self)} examples x {self.features.shape[1]} features, "
                 f"output={self.config.get('output')!r}, seed={self.config.get('seed')}{where})")
 
-    def save(self, path) -> Path:
-        """Writes the sketch as a store directory (atomically: into a temporary sibling, then renamed)."""
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Writes the sketch as a store directory, atomically: into a hidden temporary sibling, then renamed, so a
+        failed save leaves nothing behind. An existing `path` is replaced only with overwrite=True and only if it
+        is a decomp sketch store; anything else there is never touched."""
         path = Path(path)
-        if self.path is not None and path.resolve() == Path(self.path).resolve():
+        if self.path is not None and path.exists() and path.resolve() == Path(self.path).resolve():
             return path
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        store = RowStore(partial, self.config, self.features.shape[1], self.blocks)
-        store.write(0, self.features, self.indices, self.labels, self.predictions)
-        store.finish(len(self), {"coverage": self.coverage})
-        if path.exists():
-            shutil.rmtree(path)
-        partial.rename(path)
+        _check_target(path, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        try:
+            partial.rmdir()   # the store creates it, so that a foreign file there is never adopted
+            store = RowStore(partial, self.config, self.features.shape[1], self.blocks)
+            store.write(0, self.features, self.indices, self.labels, self.predictions)
+            store.finish(len(self), {"coverage": self.coverage})
+            _install(partial, path)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         return path
 
     @classmethod
@@ -200,6 +229,36 @@ class GradientSketch:
             return None if t.numel() == 0 or bool((t == -1).all()) else t
         return cls(columns["features"], columns["indices"], known(columns["labels"]), known(columns["predictions"]),
                    meta["blocks"], meta["config"], meta.get("coverage"), path)
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        ours = path.is_dir() and not path.is_symlink() and read_meta(path) is not None
+    except ValueError:
+        ours = False
+    if not ours:
+        raise FileExistsError(f"path {str(path)!r} exists and is not a decomp sketch store: GradientSketch.save "
+                              f"never replaces what decomp did not write; choose another path")
+    if not overwrite:
+        raise FileExistsError(f"path {str(path)!r} already holds a sketch store: pass overwrite=True to replace it")
+
+
+def _install(partial: Path, path: Path) -> None:
+    """Moves the finished store into place; an old store there is moved aside first and deleted last."""
+    if not path.exists():
+        os.rename(partial, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.rename(path, old / "store")
+    try:
+        os.rename(partial, path)
+    except BaseException:
+        os.rename(old / "store", path)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "logprob", k_out: int = 8,
@@ -241,15 +300,18 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
     run = ModelPass("sketch_gradients", model, data, options=options, progress=progress, distributed=distributed,
                     settings={"config": config, "store": str(Path(store).resolve()) if store is not None else None})
     dim = k if k is not None else sum(b["size"] for b in blocks)
-    writer = _open_store(store, config, dim, blocks, run.world) if store is not None else None
+    writer = None
+    if store is not None:
+        writer = _open_store(store, config, dim, blocks, run.world, weights_fingerprint(model))
     job = SketchJob(model, blocks, config, writer)
-    done = writer.progress["rows"] if writer is not None else 0
-    rows = run.run(job, start=writer.next_example if writer is not None else 0, done=done, device=job.capture.device)
+    # from example 0 even when resuming: the committed batches are re-read (not recomputed) to check the data
+    rows = run.run(job, device=job.capture.device)
     if writer is None:
         def column(i):
             return None if job.parts[0][i] is None else torch.cat([p[i] for p in job.parts])
         return GradientSketch(column(0), column(1), column(2), column(3), blocks, config, job.capture.coverage())
-    if run.writes:
+    job.check_data()
+    if run.writes and not writer.meta["complete"]:
         writer.finish(rows, {"coverage": job.capture.coverage()})
     shards.barrier(run.world)
     return GradientSketch.load(store)
