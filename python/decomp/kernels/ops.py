@@ -8,6 +8,18 @@ so the ops trace under ``torch.compile``) whose implementation hands raw views t
 Shapes: A [N, T, in] (or [N, in], meaning T = 1), G [N, T, out], ids [N, T] (or [N]), lengths [N] marks each
 example's valid prefix. Inputs are float32 or bfloat16; accumulation is float32. The Fisher ops return sums
 over examples (not means) and, given ``out``, add into it.
+
+Arguments are checked where they enter (ranks, dtypes, devices, sizes, lengths in [0, T], ids in the table, seeds
+in [0, 2**32), offsets that keep every column index below 2**63): a bad one is a ValueError naming the argument,
+what was expected and what was given, raised before anything is written (``out`` is left untouched). Any layout
+of strides is accepted (non-contiguous views are read in place); empty batches (N = 0), empty sequences (T = 0)
+and empty feature dimensions give zeros (or add nothing).
+
+Values keep IEEE semantics: the kernels do not look for NaN or infinity in the data. A NaN (or an infinity) at a
+valid position propagates to every output entry it enters, as it would in the reference: NaN in, NaN out, never
+a silently finite number. Positions beyond an example's length are never read, so whatever padding holds (NaN
+included) changes nothing. Checking for non-finite values is the job of the callers that know what the numbers
+mean (decomp.compute_fisher and sketch_gradients check each example's output).
 """
 
 from __future__ import annotations
@@ -50,8 +62,23 @@ def _fisher_linear_into(A: Tensor, G: Tensor, lengths: Optional[Tensor], weights
                         out: Tensor) -> None:
     check.lengths_values(lengths, A.shape[1])
     check.weights_values(weights)
+    if A.shape[1] == 1 and not A.is_cuda:
+        # One token per example: sum_n w_n (g_n a_n^T)^2 = (w G^2)^T (A^2) is one GEMM, which the fused per-example
+        # loop cannot beat on the CPU (benchmarks/results/kernels_cpu.md)
+        keep = None if lengths is None else (lengths > 0)[:, None]
+        g2 = _valid_rows(G[:, 0], keep).square()
+        if weights is not None:
+            g2.mul_(weights[:, None])
+        out.addmm_(g2.T, _valid_rows(A[:, 0], keep).square())
+        return
     _C.fisher_linear(view(A), view(G), optional_view(lengths), optional_view(weights), view(out), num_threads(),
                      stream_of(A))
+
+
+def _valid_rows(x: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """x [N, d] in float32 with the rows of padded (empty) examples zeroed, whatever they hold."""
+    x = x.float()
+    return x if keep is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @_fisher_linear_into.register_fake
@@ -99,6 +126,8 @@ def fisher_linear(A: Tensor, G: Tensor, *, lengths: Optional[Tensor] = None, wei
 def _fisher_linear_bias_into(G: Tensor, lengths: Optional[Tensor], weights: Optional[Tensor], out: Tensor) -> None:
     check.lengths_values(lengths, G.shape[1])
     check.weights_values(weights)
+    if out.numel() == 0:
+        return
     _C.fisher_linear_bias(view(G), optional_view(lengths), optional_view(weights), view(out), num_threads(),
                           stream_of(G))
 
@@ -145,6 +174,8 @@ def _fisher_embedding_into(ids: Tensor, G: Tensor, lengths: Optional[Tensor], we
     check.lengths_values(lengths, G.shape[1])
     check.weights_values(weights)
     check.ids_values(ids, lengths, out.shape[0])
+    if out.numel() == 0:
+        return
     _C.fisher_embedding(view(ids), view(G), optional_view(lengths), optional_view(weights), view(out),
                         num_threads(), stream_of(G))
 
@@ -235,6 +266,7 @@ def projection_matrix(rows: int, cols: int, *, seed: int, dist: str = "rademache
     check.offset(offset)
     if isinstance(cols, bool) or not isinstance(cols, int) or cols < 0:
         raise ValueError(f"cols must be a non-negative int; got {cols!r}")
+    check.column_range(offset, cols)
     return _projection_matrix(rows, cols, seed, stream, dist, offset, torch.device(device or "cpu"))
 
 
@@ -262,6 +294,7 @@ def sketch_dense(X: Tensor, *, k: int, seed: int, offset: int = 0, dist: str = "
     check.tensor("X", X, shape="[N, p]", ranks=(2,), dtypes=check.FLOAT_INPUTS)
     _check_sketch_args(seed, dist, k=k)
     check.offset(offset)
+    check.column_range(offset, X.shape[1])
     return _sketch_dense(X, k, seed, offset, dist)
 
 
