@@ -280,7 +280,9 @@ def test_every_new_method_is_listed_with_its_parameters():
     assert methods["iso_cts"].defaults() == {"scale": 1.0, "common_space_fraction": 0.8}
     assert methods["slerp"].defaults() == {"t": 0.5} and methods["model_stock"].defaults() == {"filter_wise": False}
     assert methods["breadcrumbs"].defaults() == {"density": 0.9, "gamma": 0.01, "scale": 1.0}
-    assert methods["della"].defaults() == {"density": 0.7, "epsilon": 0.07, "seed": 0, "scale": 1.0}
+    assert methods["della"].defaults() == {"density": 0.7, "epsilon": 0.07, "seed": 0, "scale": 1.0, "normalize": True}
+    assert methods["della_linear"].defaults() == {"density": 0.7, "epsilon": 0.07, "seed": 0, "scale": 1.0}
+    assert methods["breadcrumbs_ties"].defaults() == {"density": 0.9, "gamma": 0.01, "scale": 1.0, "normalize": True}
     for name in ("tsv", "iso_c", "iso_cts", "model_stock", "breadcrumbs", "della"):
         assert methods[name].needs == ("base",), name
     assert methods["slerp"].needs == () and not methods["slerp"].weighted

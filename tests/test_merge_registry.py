@@ -16,8 +16,9 @@ from decomp.merging import Parameter, merge_methods, merge_recipe, recipe_schema
 from decomp.merging.registry import Interval, unregister_merge_method
 
 BUILT_INS = {"average": {}, "task_arithmetic": {"scale": 1.0},
-             "ties": {"density": 0.2, "trim": "global", "scale": 1.0},
-             "dare": {"density": 0.1, "seed": 0, "scale": 1.0}, "dare_ties": {"density": 0.1, "seed": 0, "scale": 1.0},
+             "ties": {"density": 0.2, "trim": "global", "scale": 1.0, "normalize": True},
+             "dare": {"density": 0.1, "seed": 0, "scale": 1.0},
+             "dare_ties": {"density": 0.1, "seed": 0, "scale": 1.0, "normalize": True},
              "fisher": {"floor": 0.0, "floor_relative": None, "normalize": False, "favor": None, "favor_weight": 0.5},
              "regmean": {"alpha": 0.9}}
 

@@ -9,6 +9,7 @@ few tensors; a method that needs a global statistic (TIES' thresholds) computes 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -81,23 +82,22 @@ def merge(models: Sequence, *, method: str, base=None, weights: Optional[Sequenc
     """Merges `models` (nn.Modules, state dicts, safetensors files or save_pretrained folders) by `method`, a name
     of ``decomp.merge_methods()``; `params` are that method's parameters.
 
-    weights: per-model λ (default 1 each; average and fisher normalise by their sum). fishers / grams: one per
-    model, for the methods that need them. heads: what to do with tensors whose shapes differ across models
+    weights: per-model λ, finite numbers (default 1 each; average, fisher, components and regmean divide by their
+    sum, which must not be zero). fishers / grams: one per model, for the methods that need them (a Fisher: key ->
+    tensor of the parameter's shape, finite and >= 0, or a file of Fisher.save; a Grams mapping: module name ->
+    [in, in], finite and symmetric, or a safetensors file of one). heads: what to do with tensors whose shapes differ across models
     (classification heads with different label counts): None raises, "per_task" keeps each model's in
     ``result.heads[m]``, an int takes that model's. Integer buffers are copied (and must agree). missing: "error"
     (default) when an input lacks a tensor the others hold, or "skip" to leave such tensors out (listed in
     ``result.notes``); tensors only the base holds are always left out. Every input is checked before any tensor
-    is merged; an error names the first mismatching tensor."""
+    is merged; an error names the first mismatching tensor. A merged tensor that is not finite (NaN or inf, or
+    overflowing the models' dtype) is a ValueError naming it: such a merge is never returned."""
     declaration = get_method(method)
     if not isinstance(models, (list, tuple)) or len(models) < 1:
-        raise ValueError("models must be a non-empty list of models, state dicts or paths")
+        raise ValueError(f"models must be a non-empty list of models, state dicts or paths; got {models!r}"[:300])
     M = len(models)
     values = declaration.validate(params, M)
-    if weights is not None and not declaration.weighted:
-        raise ValueError(f"method={method!r} takes no per-model weights (it is defined without them)")
-    weights = [1.0] * M if weights is None else [float(w) for w in weights]
-    if len(weights) != M:
-        raise ValueError(f"weights must hold one λ per model ({M}); got {len(weights)}")
+    weights = check_weights(weights, declaration, M)
     sources = [Source(m, f"model {i}") for i, m in enumerate(models)]
     base_source = Source(base, "base") if base is not None else None
     _check_needs(declaration, base_source, fishers, grams)
@@ -124,9 +124,15 @@ def _run(context: MergeContext, progress: bool) -> MergedState:
         keys = tqdm(keys, desc=f"Merging ({context.method.name})", unit="tensor")
     for key in keys:
         values = [s.get(key).double() for s in sources]
-        result[key] = context.method.formula(key, values, context).to(sources[0].dtype(key))
+        merged = context.method.formula(key, values, context)
+        result[key] = merged.to(sources[0].dtype(key))
+        if not (bool(torch.isfinite(merged).all()) and bool(torch.isfinite(result[key]).all())):
+            raise ValueError(_not_finite(key, merged, result[key], values, context))
     for key, source_index in plan.copied.items():
         result[key] = sources[source_index].get(key).clone()
+        if result[key].is_floating_point() and not bool(torch.isfinite(result[key]).all()):
+            raise ValueError(f"tensor {key!r} of model {source_index} (copied: {plan.why[key]}) is not finite: "
+                             f"{first_bad(result[key], ~torch.isfinite(result[key]))}")
         result.notes[key] = f"copied from model {source_index} ({plan.why[key]})"
     for key in plan.per_task:
         for m, source in enumerate(sources):
@@ -134,6 +140,61 @@ def _run(context: MergeContext, progress: bool) -> MergedState:
     result.notes.update({key: f"left out: {why}" for key, why in plan.skipped.items()})
     result.notes.update(context.notes)
     return result
+
+
+def check_weights(weights, method: MergeMethod, M: int) -> list[float]:
+    """The per-model weights as floats: one per model, finite, and for the methods that divide by their sum, not
+    summing to zero."""
+    if weights is None:
+        return [1.0] * M
+    if not method.weighted:
+        raise ValueError(f"method={method.name!r} takes no per-model weights (it is defined without them); got "
+                         f"weights={weights!r}")
+    if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__iter__"):
+        raise ValueError(f"weights must be a list of numbers, one λ per model ({M}); got {weights!r}")
+    values = []
+    for m, weight in enumerate(weights):
+        if isinstance(weight, (bool, str, bytes)) or not _is_number(weight):
+            raise ValueError(f"weights[{m}] must be a number; got {weight!r}")
+        if not math.isfinite(float(weight)):
+            raise ValueError(f"weights[{m}] must be a finite number; got {float(weight)!r}")
+        values.append(float(weight))
+    if len(values) != M:
+        raise ValueError(f"weights must hold one λ per model ({M}); got {len(values)}: {values}")
+    if method.normalizes and abs(sum(values)) <= 1e-12 * sum(abs(w) for w in values):
+        raise ValueError(f"weights={values} sum to {sum(values):g}; method={method.name!r} divides by their sum: "
+                         f"give weights whose sum is not zero")
+    return values
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, Tensor) or value.numel() == 1
+
+
+def first_bad(tensor: Tensor, bad: Tensor) -> str:
+    """'entry (i, j) is nan' for the first True entry of `bad` (a mask of tensor's shape)."""
+    flat = int(bad.flatten().nonzero()[0])
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tensor.shape)) if tensor.dim() else ()
+    return f"entry {index} is {tensor.flatten()[flat].item()!r}"
+
+
+def _not_finite(key: str, merged: Tensor, cast: Tensor, values: list[Tensor], context: MergeContext) -> str:
+    """Why the merged tensor `key` is not finite: an input that is not, an overflow of the formula, or of the dtype."""
+    inputs = [(s.name, v) for s, v in zip(context.sources, values)]
+    if context.base is not None:
+        inputs.append(("the base", context.base_value(key)))
+    for name, value in inputs:
+        if not bool(torch.isfinite(value).all()):
+            return f"the merged tensor {key!r} is not finite: {name}'s {key!r} is not ({first_bad(value, ~torch.isfinite(value))})"
+    if not bool(torch.isfinite(merged).all()):
+        return (f"the merged tensor {key!r} is not finite ({first_bad(merged, ~torch.isfinite(merged))}) with "
+                f"method={context.method.name!r}, weights={context.weights}, parameters {dict(context.params)}")
+    return (f"the merged tensor {key!r} overflows {cast.dtype} ({first_bad(merged, ~torch.isfinite(cast))}): "
+            f"smaller weights or scale, or models in a wider dtype")
 
 
 def _check_needs(method: MergeMethod, base, fishers, grams) -> None:
@@ -151,33 +212,99 @@ def _attach_inputs(context: MergeContext, fishers, grams) -> None:
     """Loads and checks the Fishers, component Fishers and Grams the method needs, before any tensor is merged."""
     needs, M, name = context.method.needs, len(context.sources), context.method.name
     for need, given in (("fishers", fishers), ("components", fishers), ("grams", grams)):
-        if need in needs and (given is None or len(given) != M):
-            raise ValueError(f"method={name!r} needs {NEED_DOCS[need]} ({M}); got "
-                             f"{'none' if given is None else len(given)}")
+        if need in needs and (isinstance(given, (str, bytes, Mapping)) or not isinstance(given, Sequence)):
+            raise ValueError(f"method={name!r} needs {NEED_DOCS[need]}; got {need if need != 'components' else 'fishers'}"
+                             f"={given!r}"[:400])
+        if need in needs and len(given) != M:
+            raise ValueError(f"method={name!r} needs {NEED_DOCS[need]} ({M}); got {len(given)}")
     keys = context.plan.merged
     if "fishers" in needs:
-        context.fishers = [_load_fisher(f, context.sources[m], keys, f"the Fisher of model {m}")
+        context.fishers = [_load_fisher(f, context.sources[m], keys, f"fishers[{m}] (the Fisher of model {m})")
                            for m, f in enumerate(fishers)]
     if "components" in needs:
         if any(not isinstance(per_model, (list, tuple)) for per_model in fishers):
             raise ValueError(f"method={name!r} needs {NEED_DOCS['components']}")
-        context.components = [[_load_fisher(f, context.sources[m], keys, f"component {c} of model {m}")
-                               for c, f in enumerate(per_model)] for m, per_model in enumerate(fishers)]
+        context.components = [[_load_fisher(f, context.sources[m], keys, f"fishers[{m}][{c}] (component {c} of model "
+                                            f"{m})") for c, f in enumerate(per_model)]
+                              for m, per_model in enumerate(fishers)]
     if "grams" in needs:
-        context.grams = list(grams)
+        context.grams = [_load_grams(g, context.sources[m], keys, f"grams[{m}]") for m, g in enumerate(grams)]
 
 
 def _load_fisher(fisher, source: Source, keys: list[str], what: str) -> Mapping[str, Tensor]:
+    """The Fisher (a mapping or a Fisher.save file), checked against the model: shapes, finite, >= 0."""
     if isinstance(fisher, (str, Path)):
         from ..gradients.fisher import Fisher
         fisher = Fisher.load(fisher)
+    if not isinstance(fisher, Mapping):
+        raise ValueError(f"{what} must be a decomp.Fisher, a mapping key -> tensor or a saved file; got "
+                         f"{type(fisher).__name__}")
     for key in keys:
-        if key in fisher and tuple(fisher[key].shape) != source.shape(key):
-            raise ValueError(f"{what} has {key!r} of shape {tuple(fisher[key].shape)}, the model "
+        if key not in fisher:
+            continue
+        value = fisher[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{what} holds {key!r} as {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != source.shape(key):
+            raise ValueError(f"{what} has {key!r} of shape {tuple(value.shape)}, the model "
                              f"{source.shape(key)}: a Fisher of another model?")
+        bad = ~torch.isfinite(value) | (value < 0)
+        if bool(bad.any()):
+            raise ValueError(f"{what}: tensor {key!r} {first_bad(value, bad)}; a Fisher's entries are means of "
+                             f"squares, finite and >= 0 (a corrupted file?)")
     if not any(key in fisher for key in keys):
         raise ValueError(f"{what} holds none of the model's tensors: a Fisher of another model?")
     return fisher
+
+
+def _load_grams(grams, source: Source, keys: list[str], what: str) -> Mapping[str, Tensor]:
+    """The Grams (module name -> [in, in], or a safetensors file of them), each checked against its layer: square,
+    of the layer's input width, finite, symmetric to rounding, with a diagonal >= 0."""
+    if isinstance(grams, (str, Path)):
+        grams = _read_grams(Path(grams), what)
+    if not isinstance(grams, Mapping):
+        raise ValueError(f"{what} must be a mapping module name -> Gram [in, in] (decomp.collect_grams) or a "
+                         f"safetensors file of one; got {type(grams).__name__}")
+    layers = {key.rsplit(".", 1)[0]: key for key in keys if key.endswith(".weight") and len(source.shape(key)) == 2}
+    used = [module for module in grams if module in layers]
+    if not used:
+        raise ValueError(f"{what} holds no Gram of the model's layers (it holds {list(grams)[:3]}, the model's "
+                         f"layers are e.g. {list(layers)[:3]}): Grams of another model?")
+    for module in used:
+        _check_gram(grams[module], source.shape(layers[module]), f"{what}[{module!r}]")
+    return grams
+
+
+def _read_grams(path: Path, what: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: Gram file {str(path)!r} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{what}: {str(path)!r} is not a readable safetensors file of Grams: {error}") from None
+
+
+def _check_gram(gram, weight_shape: tuple, what: str) -> None:
+    if not isinstance(gram, Tensor):
+        raise ValueError(f"{what} is {type(gram).__name__}, not a tensor")
+    widths = {weight_shape[1], weight_shape[0]}   # nn.Linear stores [out, in], GPT-2's Conv1D [in, out]
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] not in widths:
+        raise ValueError(f"{what} has shape {tuple(gram.shape)}; the layer's weight is {weight_shape}, so its "
+                         f"Gram must be [in, in] = [{weight_shape[1]}, {weight_shape[1]}]")
+    gram = gram.double()
+    bad = ~torch.isfinite(gram)
+    if bool(bad.any()):
+        raise ValueError(f"{what} is not finite: {first_bad(gram, bad)}")
+    size = float(gram.abs().max())
+    asymmetry = float((gram - gram.T).abs().max())
+    if asymmetry > 1e-6 * size:
+        raise ValueError(f"{what} is not symmetric (|G - Gᵀ| reaches {asymmetry:g}, |G| {size:g}): a Gram Xᵀ X is")
+    diagonal = torch.diagonal(gram)
+    if bool((diagonal < -1e-12 * size).any()):
+        raise ValueError(f"{what} has a negative diagonal ({first_bad(diagonal, diagonal < -1e-12 * size)}): a Gram "
+                         f"Xᵀ X has none")
 
 
 # --- the plan ------------------------------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ class MergeMethod:
     prepare: Optional[Callable[["MergeContext"], Any]] = field(default=None, repr=False)
     doc: str = field(default="", repr=False)
     weighted: bool = True   # whether it uses the per-model weights λ (decomp.merge refuses them if not)
+    normalizes: bool = False   # whether it divides by Σ λ_m (decomp.merge refuses weights summing to zero)
 
     @property
     def summary(self) -> str:
@@ -221,19 +222,21 @@ _REGISTRY: dict[str, MergeMethod] = {}
 
 
 def register_merge_method(name: str, formula: Optional[Callable] = None, *, parameters=(), needs=(),
-                          prepare: Optional[Callable] = None, weighted: bool = True, replace: bool = False):
+                          prepare: Optional[Callable] = None, weighted: bool = True, normalizes: bool = False,
+                          replace: bool = False):
     """Registers a merge method under `name`, usable by decomp.merge(method=name) and in recipes.
 
     As a decorator (``@register_merge_method("name", parameters=..., needs=...)``) it returns the formula
     unchanged; as a call with the formula it returns the MergeMethod. parameters: Parameter objects, or a
     mapping name -> default (the type taken from the default). needs: any of "base", "fishers", "grams",
     "components". prepare(context): computed once before any tensor, found in ``context.prepared``. weighted=False:
-    the method has no use for per-model weights λ (passing them is an error). replace=True lets a name be
+    the method has no use for per-model weights λ (passing them is an error); normalizes=True: it divides by
+    Σ λ_m (weights summing to zero are an error). replace=True lets a name be
     registered again (else an error)."""
     if formula is None:
         def decorator(function: Callable) -> Callable:
             register_merge_method(name, function, parameters=parameters, needs=needs, prepare=prepare,
-                                  weighted=weighted, replace=replace)
+                                  weighted=weighted, normalizes=normalizes, replace=replace)
             return function
         return decorator
     if not isinstance(name, str) or not name.isidentifier():
@@ -244,7 +247,7 @@ def register_merge_method(name: str, formula: Optional[Callable] = None, *, para
     if bad:
         raise ValueError(f"merge method {name!r}: needs must be among {', '.join(NEEDS)}; got {bad[0]!r}")
     declared = tuple(_parameter(p, parameters) for p in parameters)
-    method = MergeMethod(name, formula, declared, tuple(needs), prepare, formula.__doc__ or "", weighted)
+    method = MergeMethod(name, formula, declared, tuple(needs), prepare, formula.__doc__ or "", weighted, normalizes)
     _REGISTRY[name] = method
     return method
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..registry import Interval, Parameter, register_merge_method
 from .linear import SCALE
+from .ties import NORMALIZE, disjoint_mean
 
 
 def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
@@ -33,17 +34,34 @@ def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
     return mask.reshape(tau.shape)
 
 
-@register_merge_method("breadcrumbs", needs=("base",), parameters=[
+BREADCRUMBS_PARAMETERS = [
     Parameter("density", 0.9, "fraction of each task vector's entries kept, per tensor", float,
               Interval(0, 1, "(]")),
     Parameter("gamma", 0.01, "fraction of largest-magnitude entries removed (the paper's β)", float,
               Interval(0, 1, "[)")),
-    SCALE])
+    SCALE]
+
+
+def _crumbs(key: str, values: list[Tensor], context) -> tuple[Tensor, list[Tensor]]:
+    base, taus = context.task_vectors(key, values)
+    density, gamma = context.params["density"], context.params["gamma"]
+    return base, [t * breadcrumbs_mask(t, density, gamma) for t in taus]
+
+
+@register_merge_method("breadcrumbs", needs=("base",), parameters=BREADCRUMBS_PARAMETERS)
 def breadcrumbs(key: str, values: list[Tensor], context) -> Tensor:
     """Breadcrumbs: drop each task vector's largest and smallest entries, then add (Davari & Belilovsky, 2024).
 
     τ̃_m = τ_m ∘ breadcrumbs_mask(τ_m, density, gamma) per tensor; θ = θ_0 + scale Σ_m λ_m τ̃_m."""
-    base, taus = context.task_vectors(key, values)
-    density, gamma = context.params["density"], context.params["gamma"]
-    kept = [t * breadcrumbs_mask(t, density, gamma) for t in taus]
+    base, kept = _crumbs(key, values, context)
     return base + context.params["scale"] * sum(w * t for w, t in zip(context.weights, kept))
+
+
+@register_merge_method("breadcrumbs_ties", needs=("base",), parameters=[*BREADCRUMBS_PARAMETERS, NORMALIZE])
+def breadcrumbs_ties(key: str, values: list[Tensor], context) -> Tensor:
+    """Breadcrumbs-TIES: breadcrumbs' masks, then TIES' sign election and disjoint mean (as mergekit).
+
+    τ̃_m as in `breadcrumbs`; θ = θ_0 + scale τ* with τ* the disjoint mean of `ties` over the τ̃_m
+    (normalize=False: the agreeing entries' λ-weighted sum)."""
+    base, kept = _crumbs(key, values, context)
+    return base + context.params["scale"] * disjoint_mean(kept, context.weights, context.params["normalize"])

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..registry import Interval, Parameter, register_merge_method
 from .linear import SCALE
-from .ties import SEED, disjoint_mean, hash_uniforms
+from .ties import NORMALIZE, SEED, disjoint_mean, hash_uniforms
 
 
 def keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
@@ -33,22 +33,20 @@ def keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
 def _prepare(context) -> None:
     density, epsilon = context.params["density"], context.params["epsilon"]
     if density - epsilon <= 0 or density + epsilon > 1:
-        raise ValueError(f"method='della': keep probabilities density ± epsilon must lie in (0, 1]; got "
+        raise ValueError(f"method={context.method.name!r}: keep probabilities density ± epsilon must lie in (0, 1]; got "
                          f"density={density}, epsilon={epsilon}")
 
 
-@register_merge_method("della", needs=("base",), prepare=_prepare, parameters=[
+DELLA_PARAMETERS = [
     Parameter("density", 0.7, "mean keep probability of a task vector entry (the authors' 1 - drop rate)", float,
               Interval(0, 1, "(]")),
     Parameter("epsilon", 0.07, "half-width of the keep probabilities' range (the authors' window_size / 2)", float,
               Interval(0, 1, "[)")),
-    SEED, SCALE])
-def della(key: str, values: list[Tensor], context) -> Tensor:
-    """DELLA: MagPrune drops by magnitude rank, rescaling, then TIES' election and disjoint mean (Deep et al., 2024).
+    SEED, SCALE]
 
-    For each task vector τ_m: p = keep_probabilities(τ_m, density, epsilon), keep entry i when
-    u_i < p_i (u_i uniform from the hash of (seed, m, tensor, i)), τ̃_m = τ_m ∘ keep / p; then the sign of
-    Σ λ_m τ̃_m is elected and the agreeing entries averaged with weights λ (as TIES): θ = θ_0 + scale τ*."""
+
+def magprune(key: str, values: list[Tensor], context) -> tuple[Tensor, list[Tensor]]:
+    """(θ_0, [τ̃_m]): each task vector's entries kept with their MagPrune probability p and divided by it."""
     base, taus = context.task_vectors(key, values)
     params = context.params
     dropped = []
@@ -56,4 +54,25 @@ def della(key: str, values: list[Tensor], context) -> Tensor:
         keep = keep_probabilities(tau, params["density"], params["epsilon"]).to(tau.device)
         survives = hash_uniforms(params["seed"], m, key, tau.shape).to(tau.device) < keep
         dropped.append(torch.where(survives, tau / keep, torch.zeros_like(tau)))
-    return base + params["scale"] * disjoint_mean(dropped, context.weights)
+    return base, dropped
+
+
+@register_merge_method("della", needs=("base",), prepare=_prepare, parameters=[*DELLA_PARAMETERS, NORMALIZE])
+def della(key: str, values: list[Tensor], context) -> Tensor:
+    """DELLA: MagPrune drops by magnitude rank, rescaling, then TIES' election and disjoint mean (Deep et al., 2024).
+
+    For each task vector τ_m: p = keep_probabilities(τ_m, density, epsilon), keep entry i when
+    u_i < p_i (u_i uniform from the hash of (seed, m, tensor, i)), τ̃_m = τ_m ∘ keep / p; then the sign of
+    Σ λ_m τ̃_m is elected and the agreeing entries averaged with weights λ (as TIES; normalize=False: their
+    λ-weighted sum): θ = θ_0 + scale τ*."""
+    base, dropped = magprune(key, values, context)
+    return base + context.params["scale"] * disjoint_mean(dropped, context.weights, context.params["normalize"])
+
+
+@register_merge_method("della_linear", needs=("base",), prepare=_prepare, parameters=DELLA_PARAMETERS)
+def della_linear(key: str, values: list[Tensor], context) -> Tensor:
+    """DELLA-linear: MagPrune's drops and rescaling, then task arithmetic, no sign election (as mergekit).
+
+    τ̃_m as in `della`; θ = θ_0 + scale Σ_m λ_m τ̃_m."""
+    base, dropped = magprune(key, values, context)
+    return base + context.params["scale"] * sum(w * t for w, t in zip(context.weights, dropped))

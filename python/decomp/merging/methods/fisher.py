@@ -58,7 +58,8 @@ def _prepare_components(context) -> FisherWeights:
     return FisherWeights(combined, _means(combined, context))
 
 
-@register_merge_method("fisher", needs=("fishers",), prepare=_prepare_fisher, parameters=WEIGHTING)
+@register_merge_method("fisher", needs=("fishers",), prepare=_prepare_fisher, parameters=WEIGHTING,
+                       normalizes=True)
 def fisher(key: str, values: list[Tensor], context) -> Tensor:
     """Fisher merging: the Fisher-weighted average of the models (Matena & Raffel, 2022).
 
@@ -91,7 +92,8 @@ def fisher(key: str, values: list[Tensor], context) -> Tensor:
                                                                 torch.ones_like(denominator)), average)
 
 
-@register_merge_method("components", needs=("components",), prepare=_prepare_components, parameters=[
+@register_merge_method("components", needs=("components",), prepare=_prepare_components, normalizes=True,
+                       parameters=[
     Parameter("select", REQUIRED, "the chosen component indices of each model, one list per model", list,
               PerModel()), *WEIGHTING])
 def components(key: str, values: list[Tensor], context) -> Tensor:

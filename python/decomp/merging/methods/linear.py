@@ -9,7 +9,7 @@ from ..registry import Parameter, register_merge_method
 SCALE = Parameter("scale", 1.0, "global coefficient of the merged task vector: θ_0 + scale·Δ")
 
 
-@register_merge_method("average")
+@register_merge_method("average", normalizes=True)
 def average(key: str, values: list[Tensor], context) -> Tensor:
     """Weighted average Σ λ_m θ_m / Σ λ_m (model soups; Wortsman et al., 2022)."""
     return context.mean(values)

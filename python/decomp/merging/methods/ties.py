@@ -23,6 +23,8 @@ HISTOGRAM_BINS = 65536
 # outside it fall into the end bins, which the second pass buckets the same way, so the threshold stays exact
 LOG_RANGE = (math.log(1e-45), math.log(3.5e38))
 SEED = Parameter("seed", 0, "seed of the drop masks (counter-based hash of seed, model, tensor, entry)", int)
+NORMALIZE = Parameter("normalize", True, "divide the agreeing entries' λ-weighted sum by their weights (the TIES "
+                      "paper's disjoint mean); false: keep the sum (mergekit's normalize: false)", bool)
 
 
 def _density(default: float, doc: str) -> Parameter:
@@ -37,17 +39,18 @@ def _prepare_ties(context) -> Optional[list[float]]:
     _density(0.2, "fraction of each task vector kept (largest magnitudes)"),
     Parameter("trim", "global", "'global': over the whole flattened task vector (the paper); 'per_tensor'", str,
               Choice(("global", "per_tensor"))),
-    SCALE])
+    SCALE, NORMALIZE])
 def ties(key: str, values: list[Tensor], context) -> Tensor:
     """TIES: trim each task vector, elect signs, average the agreeing entries (Yadav et al., 2023).
 
     "TIES-Merging: Resolving interference when merging models": trim each τ_m to its top `density` by magnitude
     (trim="global": over the whole flattened task vector; "per_tensor": within each tensor), elect the sign of
-    Σ λ_m τ̂_m, average the agreeing entries (weighted by λ); θ_0 + scale τ*."""
+    Σ λ_m τ̂_m, average the agreeing entries (weighted by λ; normalize=False: their λ-weighted sum);
+    θ_0 + scale τ*."""
     base, taus = context.task_vectors(key, values)
     thresholds = context.prepared
     taus = [_trim(t, context.params["density"], thresholds[m] if thresholds else None) for m, t in enumerate(taus)]
-    return base + context.params["scale"] * disjoint_mean(taus, context.weights)
+    return base + context.params["scale"] * disjoint_mean(taus, context.weights, context.params["normalize"])
 
 
 @register_merge_method("dare", needs=("base",), parameters=[
@@ -62,13 +65,14 @@ def dare(key: str, values: list[Tensor], context) -> Tensor:
 
 
 @register_merge_method("dare_ties", needs=("base",), parameters=[
-    _density(0.1, "probability of keeping each entry of a task vector"), SEED, SCALE])
+    _density(0.1, "probability of keeping each entry of a task vector"), SEED, SCALE, NORMALIZE])
 def dare_ties(key: str, values: list[Tensor], context) -> Tensor:
     """DARE-TIES: DARE's drop and rescale, then TIES' sign election and disjoint mean (Yu et al., 2024).
 
-    τ̃_m = τ_m ∘ mask_m / density as in `dare`, then θ_0 + scale τ* with τ* the disjoint mean of `ties`."""
+    τ̃_m = τ_m ∘ mask_m / density as in `dare`, then θ_0 + scale τ* with τ* the disjoint mean of `ties`
+    (normalize=False: the agreeing entries' λ-weighted sum)."""
     base, taus = _dropped(key, values, context)
-    return base + context.params["scale"] * disjoint_mean(taus, context.weights)
+    return base + context.params["scale"] * disjoint_mean(taus, context.weights, context.params["normalize"])
 
 
 def _dropped(key: str, values: list[Tensor], context) -> tuple[Tensor, list[Tensor]]:
@@ -91,12 +95,15 @@ def hash_uniforms(seed: int, model_index: int, key: str, shape) -> Tensor:
     return (((bits >> 8).to(torch.float64) + 0.5) / 16777216.0).reshape(shape)
 
 
-def disjoint_mean(taus: list[Tensor], weights: list[float]) -> Tensor:
-    """TIES: elect each entry's sign by the weighted sum, then the weighted mean of the agreeing entries."""
+def disjoint_mean(taus: list[Tensor], weights: list[float], normalize: bool = True) -> Tensor:
+    """TIES: elect each entry's sign by the weighted sum, then the weighted mean of the agreeing entries
+    (normalize=False: their weighted sum)."""
     stacked = torch.stack([w * t for w, t in zip(weights, taus)])
     sign = torch.sign(stacked.sum(0))
     agree = (torch.sign(stacked) == sign) & (stacked != 0)
     column = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    if not normalize:
+        return (stacked * agree).sum(0)
     weight_sum = (agree * column).sum(0)
     return torch.where(weight_sum > 0, (stacked * agree).sum(0) / weight_sum.clamp(min=1e-300),
                        torch.zeros_like(sign))
