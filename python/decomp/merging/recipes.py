@@ -8,12 +8,20 @@ A recipe (paths relative to the recipe's folder)::
       - path: tuned0
         weight: 0.5
       - tuned1
-    fishers: [f0.safetensors, f1.safetensors]    # one per model (fisher)
+    fishers: [f0.safetensors, f1.safetensors]    # one per model (fisher; components: one list per model)
+    grams: [g0.safetensors, g1.safetensors]      # one per model (regmean): module name -> Gram [in, in], as
+                                                 # decomp.collect_grams returns, saved by safetensors' save_file
     heads: per_task                # or a model index; shapes differing across models
     missing: error                 # or skip
     parameters: {density: 0.2}     # the method's parameters (decomp.merge_methods()[method].parameters)
     like: tuned0                   # the model whose config and tokenizer the output takes (default: models[0])
+    tokenizer: tuned1              # the model whose tokenizer it takes instead (default: like)
+    dtype: bfloat16                # the saved weights' dtype (float16, bfloat16, float32, float64; default: like's)
     plugins: [my_methods.py]       # imported first: Python files (relative to the recipe) or module names
+
+A mergekit configuration (``merge_method:``, ``models:`` of ``model:`` and ``parameters:``, ``base_model``, ...) is
+read unchanged: decomp.merging.mergekit maps it onto the recipe above (its docstring has the table, the decomp
+extensions ``fishers:`` and ``grams:``, and what is not supported). The model card of a saved merge holds both.
 
 ``plugins`` is how a method registered outside decomp (``register_merge_method`` in a file of one's own) is used
 from a recipe and from ``decomp merge``: each entry is imported once per process, before the recipe is checked.
@@ -32,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from .engine import MergedState, merge
+from .mergekit import from_mergekit, is_mergekit
 from .registry import REQUIRED, get_method, merge_methods, suggestion
-from .saving import save_merged
+from .saving import check_target, resolve_dtype, save_merged
 
 # top-level keys: (JSON-schema type, what it holds)
 RECIPE_KEYS = {
@@ -41,10 +50,13 @@ RECIPE_KEYS = {
     "models": ("array", "the fine-tuned models: paths, or mappings {path, weight}"),
     "base": ("string", "the model the others were fine-tuned from"),
     "fishers": ("array", "one Fisher file per model"),
+    "grams": ("array", "one safetensors file of Grams (module name -> [in, in]) per model"),
     "heads": (["string", "integer"], "'per_task' or the index of the model whose head is kept"),
     "missing": ("string", "'error' or 'skip': tensors some models lack"),
     "parameters": ("object", "the method's parameters"),
     "like": ("string", "the model whose config and tokenizer the output takes"),
+    "tokenizer": ("string", "the model whose tokenizer the output takes (default: like)"),
+    "dtype": ("string", "the saved weights' dtype: float16, bfloat16, float32 or float64"),
     "plugins": ("array", "Python files or modules imported first (they register methods)"),
 }
 MODEL_KEYS = {"path": ("string", "the model: a save_pretrained folder or a safetensors file"),
@@ -86,7 +98,13 @@ def _parameters_schema(method) -> dict:
 
 
 def read_recipe(recipe_path) -> dict:
-    """The recipe as a mapping, its plugins imported and every key checked (see the module's docstring)."""
+    """The recipe as a mapping, its plugins imported and every key checked (see the module's docstring); a mergekit
+    configuration comes back as the decomp recipe it maps onto."""
+    return _read(recipe_path)[1]
+
+
+def _read(recipe_path) -> tuple[dict, dict]:
+    """(the YAML mapping as written, the decomp recipe it is or maps onto), checked."""
     import yaml
     recipe_path = Path(recipe_path)
     try:
@@ -104,6 +122,9 @@ def read_recipe(recipe_path) -> dict:
             raise ValueError(f"plugins must be a list of Python files or module names; got {plugins!r}")
         for plugin in plugins:
             import_plugin(plugin, recipe_path.parent)
+        written = spec
+        if is_mergekit(spec):
+            spec = from_mergekit(spec, recipe_path.parent)
         methods = merge_methods()
         method = methods.get(spec.get("method")) if isinstance(spec.get("method"), str) else None
         _check_keys(spec, RECIPE_KEYS, "a recipe", [p.name for p in method.parameters] if method else ())
@@ -113,7 +134,7 @@ def read_recipe(recipe_path) -> dict:
         _check_method(spec)
     except ValueError as error:
         raise ValueError(f"{recipe_path}: {error}") from None
-    return spec
+    return written, spec
 
 
 def _check_keys(mapping: dict, known: dict, owner: str, method_parameters=()) -> None:
@@ -143,8 +164,10 @@ def _check_method(spec: dict) -> None:
                 raise ValueError(f"a model entry needs path: (got {entry!r})")
         elif not isinstance(entry, str):
             raise ValueError(f"a model entry is a path or a mapping {{path, weight}}; got {entry!r}")
-    if spec.get("fishers") and len(spec["fishers"]) != len(spec["models"]):
-        raise ValueError(f"fishers must hold one file per model ({len(spec['models'])}); got {len(spec['fishers'])}")
+    for key in ("fishers", "grams"):
+        if spec.get(key) and len(spec[key]) != len(spec["models"]):
+            raise ValueError(f"{key} must hold one file per model ({len(spec['models'])}); got {len(spec[key])}")
+    resolve_dtype(spec.get("dtype"))
     method.validate(spec.get("parameters") or {}, len(spec["models"]))
 
 
@@ -169,11 +192,14 @@ def import_plugin(plugin: str, root: Path):
         raise ValueError(f"plugin {plugin!r} cannot be imported: {error}") from None
 
 
-def merge_recipe(recipe_path, out_dir=None) -> MergedState:
-    """Runs a YAML recipe (see the module's docstring). With out_dir, saves the result there (save_pretrained
-    form, model card with the recipe)."""
+def merge_recipe(recipe_path, out_dir=None, overwrite: bool = False) -> MergedState:
+    """Runs a YAML recipe, decomp's or mergekit's (see the module's docstring). With out_dir, saves the result there
+    (save_pretrained form, model card with the recipe); an existing non-empty out_dir is refused unless it holds an
+    earlier merge and overwrite=True (checked before any model is read)."""
     recipe_path = Path(recipe_path)
-    spec = read_recipe(recipe_path)
+    written, spec = _read(recipe_path)
+    if out_dir is not None:
+        check_target(out_dir, overwrite)
     root = recipe_path.parent
 
     def resolve(p):
@@ -181,13 +207,15 @@ def merge_recipe(recipe_path, out_dir=None) -> MergedState:
 
     entries = [m if isinstance(m, dict) else {"path": m} for m in spec["models"]]
     models = [resolve(e["path"]) for e in entries]
-    weights = [float(e.get("weight", 1.0)) for e in entries] if any("weight" in e for e in entries) else None
-    fishers = [resolve(f) for f in spec["fishers"]] if spec.get("fishers") else None
+    weights = [e.get("weight", 1.0) for e in entries] if any("weight" in e for e in entries) else None
+    inputs = {key: [resolve(f) for f in spec[key]] if spec.get(key) else None for key in ("fishers", "grams")}
     base = resolve(spec["base"]) if spec.get("base") else None
-    state = merge(models, method=spec["method"], base=base, weights=weights, fishers=fishers,
+    state = merge(models, method=spec["method"], base=base, weights=weights, **inputs,
                   heads=spec.get("heads"), missing=spec.get("missing", "error"), **(spec.get("parameters") or {}))
     state.recipe["recipe_file"] = str(recipe_path)
     if out_dir is not None:
-        save_merged(state, out_dir, like=resolve(spec.get("like", models[0])), recipe=spec,
-                    inputs=models + ([base] if base else []))
+        card = spec if written is spec else {"mergekit": written, "decomp": spec}
+        save_merged(state, out_dir, like=resolve(spec.get("like", models[0])), recipe=card,
+                    inputs=models + ([base] if base else []), dtype=spec.get("dtype"),
+                    tokenizer=resolve(spec["tokenizer"]) if spec.get("tokenizer") else None, overwrite=overwrite)
     return state

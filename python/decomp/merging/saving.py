@@ -1,9 +1,16 @@
-"""Writing a merge: a save_pretrained folder with a model card naming the recipe and the inputs' content hashes."""
+"""Writing a merge: a save_pretrained folder with a model card naming the recipe and the inputs' content hashes.
+
+save_merged never deletes what it did not write: an existing non-empty target is refused unless overwrite=True,
+and even then replaced only when it holds a decomp model card (a folder save_merged wrote). The folder is written
+into a fresh hidden sibling and moved into place at the end, so a failure leaves no trace and an existing merge
+is replaced only by a complete one.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Sequence
@@ -12,50 +19,133 @@ import torch
 
 from .sources import Source
 
+CARD_TITLE = "# Merged with decomp"   # the line that marks a folder as written by save_merged
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "float64": torch.float64, "fp64": torch.float64}
 
-def save_merged(state: Mapping, out_dir, *, like, recipe: Optional[dict] = None, inputs: Sequence = ()) -> Path:
-    """Writes a save_pretrained folder (safetensors weights, config, tokenizer when `like` has one) and a model card
-    naming the recipe and the inputs' content hashes. Written into a temporary sibling and renamed, so a failure
-    leaves no partial folder."""
-    from transformers import AutoTokenizer
+
+def written_by_decomp(folder: Path) -> bool:
+    """Whether `folder` holds a decomp merge's model card."""
+    card = Path(folder) / "README.md"
+    return card.is_file() and CARD_TITLE in card.read_text(errors="replace")
+
+
+def check_target(out_dir, overwrite: bool = False) -> Path:
+    """The target folder, or an error when save_merged may not write it: a file, or a non-empty folder that is
+    not a decomp merge (always), or is one and overwrite is False."""
     out_dir = Path(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    template = like if isinstance(like, torch.nn.Module) else None
-    if template is None:
-        from transformers import AutoConfig, AutoModel
-        config = AutoConfig.from_pretrained(like)
-        architecture = (config.architectures or [None])[0]
-        import transformers
-        cls = getattr(transformers, architecture) if architecture and hasattr(transformers, architecture) else AutoModel
-        template = cls.from_pretrained(like)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise FileExistsError(f"out_dir={str(out_dir)!r} exists and is not a folder; decomp never overwrites it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not written_by_decomp(out_dir):
+            raise FileExistsError(f"out_dir={str(out_dir)!r} exists and holds something decomp did not write; "
+                                  f"decomp never overwrites it: choose another folder")
+        if not overwrite:
+            raise FileExistsError(f"out_dir={str(out_dir)!r} holds an earlier merge; pass overwrite=True to "
+                                  f"replace it")
+    return out_dir
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a torch floating dtype, or its name (float16, bfloat16, float32, float64 and mergekit's fp16...)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+
+
+def save_merged(state: Mapping, out_dir, *, like, recipe: Optional[dict] = None, inputs: Sequence = (),
+                dtype=None, tokenizer=None, overwrite: bool = False) -> Path:
+    """Writes a save_pretrained folder (safetensors weights, config, tokenizer when `like` has one) and a model card
+    naming the recipe and the inputs' content hashes.
+
+    like: the model (or its folder) whose config the output takes; tokenizer: the folder whose tokenizer it takes
+    (default: like's). dtype: the floating dtype of the saved weights (torch dtype or name; default: the model's).
+    overwrite: replace an earlier merge written by save_merged (never anything else); see the module's
+    docstring."""
+    out_dir = check_target(out_dir, overwrite)
+    dtype = resolve_dtype(dtype)
+    template = _template(like)
     missing = [k for k in template.state_dict() if k not in state]
     if missing:
         raise ValueError(f"the merged state lacks {len(missing)} tensors of the model, e.g. {missing[0]!r} (kept per "
                          f"task?): save one task's model with its head added")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         model = type(template)(template.config)
+        if dtype is not None:
+            model.to(dtype)
         model.load_state_dict(dict(state), strict=True)
+        _check_saved(model, dtype)
         model.save_pretrained(partial)
-        source = getattr(template.config, "_name_or_path", None) if not isinstance(like, (str, Path)) else like
-        if source:
-            try:
-                AutoTokenizer.from_pretrained(source).save_pretrained(partial)
-            except (OSError, ValueError):
-                pass   # a model without a tokenizer folder: the weights and config are still complete
+        source = tokenizer or (getattr(template.config, "_name_or_path", None)
+                               if not isinstance(like, (str, Path)) else like)
+        _copy_tokenizer(source, partial)
         recipe = dict(recipe or getattr(state, "recipe", {}) or {})
-        hashes = [{"input": str(getattr(s, "path", None) or f"model {i}"), "sha256": s.fingerprint()}
-                  for i, s in enumerate(Source(x, f"input {i}") for i, x in enumerate(inputs))]
-        card = ["---", "library_name: transformers", "tags: [decomp, merge]", "---", "",
-                "# Merged with decomp", "", "Recipe:", "", "```json", json.dumps(recipe, indent=2, default=str),
-                "```", ""]
-        if hashes:
-            card += ["Inputs:", ""] + [f"- {h['input']}: sha256 {h['sha256']}" for h in hashes] + [""]
-        (partial / "README.md").write_text("\n".join(card))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        (partial / "README.md").write_text(_card(recipe, inputs))
+        _move_into_place(partial, check_target(out_dir, overwrite))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out_dir
+
+
+def _template(like) -> torch.nn.Module:
+    if isinstance(like, torch.nn.Module):
+        return like
+    import transformers
+    from transformers import AutoConfig, AutoModel
+    config = AutoConfig.from_pretrained(like)
+    architecture = (config.architectures or [None])[0]
+    cls = getattr(transformers, architecture) if architecture and hasattr(transformers, architecture) else AutoModel
+    return cls.from_pretrained(like)
+
+
+def _check_saved(model: torch.nn.Module, dtype) -> None:
+    """Every floating tensor of the model to save is finite (a cast to a narrower dtype may overflow)."""
+    for key, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            from .engine import first_bad
+            raise ValueError(f"tensor {key!r} is not finite once saved as {value.dtype} "
+                             f"({first_bad(value, ~torch.isfinite(value))}){': pick a wider dtype' if dtype else ''}")
+
+
+def _copy_tokenizer(source, folder: Path) -> None:
+    if not source:
+        return
+    from transformers import AutoTokenizer
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    except (OSError, ValueError):
+        pass   # a model without a tokenizer folder: the weights and config are still complete
+
+
+def _card(recipe: dict, inputs: Sequence) -> str:
+    hashes = [{"input": str(getattr(s, "path", None) or f"model {i}"), "sha256": s.fingerprint()}
+              for i, s in enumerate(Source(x, f"input {i}") for i, x in enumerate(inputs))]
+    card = ["---", "library_name: transformers", "tags: [decomp, merge]", "---", "", CARD_TITLE, "", "Recipe:", "",
+            "```json", json.dumps(recipe, indent=2, default=str), "```", ""]
+    if hashes:
+        card += ["Inputs:", ""] + [f"- {h['input']}: sha256 {h['sha256']}" for h in hashes] + [""]
+    return "\n".join(card)
+
+
+def _move_into_place(partial: Path, out_dir: Path) -> None:
+    """Renames the complete `partial` folder to `out_dir`; an earlier merge there (check_target allowed it) is
+    moved aside first and removed only once the new one is in place (put back if the rename fails)."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        partial.rename(out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    old.rmdir()
+    out_dir.rename(old)
+    try:
         partial.rename(out_dir)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        old.rename(out_dir)
         raise
-    return out_dir
+    shutil.rmtree(old, ignore_errors=True)
