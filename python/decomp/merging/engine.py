@@ -85,10 +85,10 @@ def merge(models: Sequence, *, method: str, base=None, weights: Optional[Sequenc
     weights: per-model λ, finite numbers (default 1 each; average, fisher, components and regmean divide by their
     sum, which must not be zero). fishers / grams: one per model, for the methods that need them (a Fisher: key ->
     tensor of the parameter's shape, finite and >= 0, or a file of Fisher.save; a Grams mapping: module name ->
-    [in, in], finite and symmetric, or a safetensors file of one). heads: what to do with tensors whose shapes differ across models
-    (classification heads with different label counts): None raises, "per_task" keeps each model's in
-    ``result.heads[m]``, an int takes that model's. Integer buffers are copied (and must agree). missing: "error"
-    (default) when an input lacks a tensor the others hold, or "skip" to leave such tensors out (listed in
+    [in, in], finite and symmetric, or a safetensors file of one). heads: what to do with tensors whose shapes
+    differ across models (classification heads with different label counts): None raises, "per_task" keeps each
+    model's in ``result.heads[m]``, an int takes that model's. Integer buffers are copied (and must agree). missing:
+    "error" (default) when an input lacks a tensor the others hold, or "skip" to leave such tensors out (listed in
     ``result.notes``); tensors only the base holds are always left out. Every input is checked before any tensor
     is merged; an error names the first mismatching tensor. A merged tensor that is not finite (NaN or inf, or
     overflowing the models' dtype) is a ValueError naming it: such a merge is never returned."""
@@ -189,12 +189,14 @@ def _not_finite(key: str, merged: Tensor, cast: Tensor, values: list[Tensor], co
         inputs.append(("the base", context.base_value(key)))
     for name, value in inputs:
         if not bool(torch.isfinite(value).all()):
-            return f"the merged tensor {key!r} is not finite: {name}'s {key!r} is not ({first_bad(value, ~torch.isfinite(value))})"
+            where = first_bad(value, ~torch.isfinite(value))
+            return f"the merged tensor {key!r} is not finite: {name}'s is not ({where})"
     if not bool(torch.isfinite(merged).all()):
         return (f"the merged tensor {key!r} is not finite ({first_bad(merged, ~torch.isfinite(merged))}) with "
                 f"method={context.method.name!r}, weights={context.weights}, parameters {dict(context.params)}")
-    return (f"the merged tensor {key!r} overflows {cast.dtype} ({first_bad(merged, ~torch.isfinite(cast))}): "
-            f"smaller weights or scale, or models in a wider dtype")
+    return (f"the merged tensor {key!r} overflows {cast.dtype} ({first_bad(merged, ~torch.isfinite(cast))}) with "
+            f"method={context.method.name!r}, weights={context.weights}, parameters {dict(context.params)}: smaller "
+            f"weights or parameters, or models in a wider dtype")
 
 
 def _check_needs(method: MergeMethod, base, fishers, grams) -> None:
@@ -213,8 +215,8 @@ def _attach_inputs(context: MergeContext, fishers, grams) -> None:
     needs, M, name = context.method.needs, len(context.sources), context.method.name
     for need, given in (("fishers", fishers), ("components", fishers), ("grams", grams)):
         if need in needs and (isinstance(given, (str, bytes, Mapping)) or not isinstance(given, Sequence)):
-            raise ValueError(f"method={name!r} needs {NEED_DOCS[need]}; got {need if need != 'components' else 'fishers'}"
-                             f"={given!r}"[:400])
+            argument = "grams" if need == "grams" else "fishers"
+            raise ValueError(f"method={name!r} needs {NEED_DOCS[need]}; got {argument}={given!r}"[:400])
         if need in needs and len(given) != M:
             raise ValueError(f"method={name!r} needs {NEED_DOCS[need]} ({M}); got {len(given)}")
     keys = context.plan.merged
@@ -235,7 +237,10 @@ def _load_fisher(fisher, source: Source, keys: list[str], what: str) -> Mapping[
     """The Fisher (a mapping or a Fisher.save file), checked against the model: shapes, finite, >= 0."""
     if isinstance(fisher, (str, Path)):
         from ..gradients.fisher import Fisher
-        fisher = Fisher.load(fisher)
+        try:
+            fisher = Fisher.load(fisher)
+        except (ValueError, OSError) as error:   # the file's own message, naming the argument first
+            raise type(error)(f"{what}: {error}") from None
     if not isinstance(fisher, Mapping):
         raise ValueError(f"{what} must be a decomp.Fisher, a mapping key -> tensor or a saved file; got "
                          f"{type(fisher).__name__}")

@@ -72,8 +72,10 @@ def save_merged(state: Mapping, out_dir, *, like, recipe: Optional[dict] = None,
     if missing:
         raise ValueError(f"the merged state lacks {len(missing)} tensors of the model, e.g. {missing[0]!r} (kept per "
                          f"task?): save one task's model with its head added")
+    created = _first_missing(out_dir.parent)   # folders made here, removed again if the save fails
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    done = False
     try:
         model = type(template)(template.config)
         if dtype is not None:
@@ -87,9 +89,22 @@ def save_merged(state: Mapping, out_dir, *, like, recipe: Optional[dict] = None,
         recipe = dict(recipe or getattr(state, "recipe", {}) or {})
         (partial / "README.md").write_text(_card(recipe, inputs))
         _move_into_place(partial, check_target(out_dir, overwrite))
+        done = True
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        if not done and created is not None:
+            shutil.rmtree(created, ignore_errors=True)
     return out_dir
+
+
+def _first_missing(folder: Path) -> Optional[Path]:
+    """The outermost ancestor of `folder` (or itself) that does not exist yet, or None."""
+    missing = None
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
 
 
 def _template(like) -> torch.nn.Module:

@@ -33,8 +33,8 @@ def keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
 def _prepare(context) -> None:
     density, epsilon = context.params["density"], context.params["epsilon"]
     if density - epsilon <= 0 or density + epsilon > 1:
-        raise ValueError(f"method={context.method.name!r}: keep probabilities density ± epsilon must lie in (0, 1]; got "
-                         f"density={density}, epsilon={epsilon}")
+        raise ValueError(f"method={context.method.name!r}: keep probabilities density ± epsilon must lie in (0, 1]; "
+                         f"got density={density}, epsilon={epsilon}")
 
 
 DELLA_PARAMETERS = [
