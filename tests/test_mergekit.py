@@ -353,6 +353,15 @@ def test_fishers_or_grams_turn_a_linear_config_into_a_fisher_or_regmean_merge(fo
         """, "regmean_direct.yml")
     assert_same(merge_recipe(config), decomp.merge(names[:2], method="regmean", alpha=0.5,
                                                    grams=[g for _, g in grams[:2]]))
+    ours = write(folder, """
+        method: regmean
+        models: [orca, platypus]
+        grams: [orca.grams.safetensors, platypus.grams.safetensors]
+        parameters: {alpha: 0.5}
+        dtype: bfloat16
+        """, "regmean_decomp.yml")
+    assert_same(merge_recipe(ours), decomp.merge(names[:2], method="regmean", alpha=0.5,
+                                                 grams=[g for _, g in grams[:2]]))
 
 
 # mergekit's own examples, unchanged, and the name of what decomp reports
@@ -414,6 +423,8 @@ UNSUPPORTED = {
                         "tokenizer_source: union\n", ValueError, "tokenizer_source: union"),
     "tokenizer tokens": ("models:\n  - model: orca\n    parameters: {weight: 1}\nmerge_method: linear\n"
                          "tokenizer:\n  source: base\n  tokens: {}\n", ValueError, "tokenizer: \\['tokens'\\]"),
+    "tokenizer union by default": ("models:\n  - model: orca\n    parameters: {weight: 1}\nmerge_method: linear\n"
+                                   "tokenizer: {}\n", ValueError, "tokenizer: source \\(mergekit's default\\): union"),
     "chat template": ("models:\n  - model: orca\n    parameters: {weight: 1}\nmerge_method: linear\n"
                       "chat_template: chatml\n", ValueError, "chat_template is not supported"),
     "dare without rescale": ("models:\n  - model: orca\n    parameters: {weight: 1, density: 0.5}\n"
@@ -432,6 +443,8 @@ UNSUPPORTED = {
     "unknown parameter": ("models:\n  - model: orca\n    parameters: {weight: 1, densty: 0.5}\n"
                           "merge_method: ties\nbase_model: base\n", ValueError,
                           "takes no per-model parameter 'densty' \\(did you mean 'density'\\?\\)"),
+    "both method keys": ("method: ties\nmodels:\n  - model: orca\nmerge_method: ties\nbase_model: base\n",
+                         ValueError, "either decomp's method: or mergekit's merge_method:"),
     "unknown key": ("models:\n  - model: orca\nmerge_method: linear\nbase_modle: base\n", ValueError,
                     "unknown key 'base_modle' .*did you mean 'base_model'"),
     "hub name": ("models:\n  - model: mistralai/Mistral-7B-v0.1\n    parameters: {weight: 1}\n"

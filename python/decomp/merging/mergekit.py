@@ -110,30 +110,25 @@ def is_mergekit(spec: dict) -> bool:
 def from_mergekit(spec: dict, root: Path) -> dict:
     """The decomp recipe (method, models with weights, base, parameters, dtype, like, tokenizer, ...) that runs the
     merge a mergekit configuration describes; ValueError naming what decomp does not support."""
+    if "method" in spec:
+        raise ValueError("a recipe holds either decomp's method: or mergekit's merge_method:, not both")
     for key in spec:
         if key in UNSUPPORTED_KEYS:
             raise ValueError(UNSUPPORTED_KEYS[key])
         if key not in CONFIG_KEYS:
             raise ValueError(f"unknown key {key!r} in a mergekit configuration{suggestion(key, CONFIG_KEYS)}; "
                              f"decomp reads {', '.join(k for k in CONFIG_KEYS if k not in UNSUPPORTED_KEYS)}")
-    if "method" in spec:
-        raise ValueError("a recipe holds either decomp's method: or mergekit's merge_method:, not both")
     name = spec["merge_method"]
-    if not isinstance(name, str):
-        raise ValueError(f"merge_method must be a string; got {name!r}")
-    config = Config(spec, root)
-    if name in TASK_ARITHMETIC:
-        recipe = _task_arithmetic(config, TASK_ARITHMETIC[name])
-    elif name in ("linear", "slerp", "model_stock"):
-        recipe = {"linear": _linear, "slerp": _slerp, "model_stock": _model_stock}[name](config)
-    elif name in merge_methods():
-        recipe = _decomp_method(config, name)
-    else:
+    mapped = {**{k: (lambda c, f=f: _task_arithmetic(c, f)) for k, f in TASK_ARITHMETIC.items()},
+              "linear": _linear, "slerp": _slerp, "model_stock": _model_stock}
+    if not isinstance(name, str) or (name not in mapped and name not in merge_methods()):
         lacking = " (a mergekit method decomp does not have)" if name in MERGEKIT_ONLY else \
-            suggestion(name, [*TASK_ARITHMETIC, "linear", "slerp", "model_stock", *merge_methods()])
+            suggestion(name, [*mapped, *merge_methods()]) if isinstance(name, str) else ""
         raise ValueError(f"merge_method {name!r} is not supported{lacking}; decomp runs mergekit's "
-                         f"{', '.join([*TASK_ARITHMETIC, 'linear', 'slerp', 'model_stock'])} and its own "
-                         f"{', '.join(m for m in merge_methods() if m not in TASK_ARITHMETIC)}")
+                         f"{', '.join(mapped)} and its own "
+                         f"{', '.join(m for m in merge_methods() if m not in mapped)}")
+    config = Config(spec, root)
+    recipe = mapped[name](config) if name in mapped else _decomp_method(config, name)
     return config.finish(recipe)
 
 
@@ -245,12 +240,13 @@ class Config:
             if set(tokenizer) - {"source"}:
                 raise ValueError(f"tokenizer: {sorted(set(tokenizer) - {'source'})} are not supported (decomp copies "
                                  f"one model's tokenizer); give only tokenizer: {{source: base}} or a model")
-            source = tokenizer.get("source")
+            source = tokenizer.get("source", "union")   # mergekit's default for a tokenizer: section
         if source is None:
             return None
         if source == "union":
-            raise ValueError("tokenizer_source: union (a vocabulary merged from every model) is not supported; use "
-                             "base or one of the models")
+            key = "tokenizer_source" if tokenizer is None else "tokenizer: source (mergekit's default)"
+            raise ValueError(f"{key}: union (a vocabulary merged from every model) is not supported; use base or "
+                             f"one of the models")
         if source == "base":
             if self.base is None:
                 raise ValueError("tokenizer_source: base needs base_model")

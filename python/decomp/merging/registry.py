@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 NEEDS = ("base", "fishers", "grams", "components")
 NEED_DOCS = {"base": "base= (the model the inputs were fine-tuned from)",
              "fishers": "fishers=[one Fisher per model] (decomp.Fisher, a mapping, or a saved file)",
-             "grams": "grams=[one decomp.collect_grams(...) per model]",
+             "grams": "grams=[one decomp.collect_grams(...) per model, or a safetensors file of one]",
              "components": "fishers=[one list of component Fishers per model] (decomp.component_fishers)"}
 TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list",
               object: "any value"}
