@@ -81,7 +81,7 @@ def _check_spectrum(variance: Tensor, total: float, N: int, K: int, n_components
     trailing components would be rounding noise explaining ~1e-30 of the variance)."""
     what = "centred features" if center else "features"
     if not total > 0 or not bool(torch.isfinite(variance).all()):
-        raise ValueError(f"the {what} have zero variance (every one of the N = {N} examples is the same"
+        raise ValueError(f"x has zero variance (its {what}: every one of the N = {N} examples is the same"
                          f"{' up to the mean' if center else ''}): there is nothing to decompose")
     floor = float(variance.max()) * (max(N, K) * RANK_TOLERANCE) ** 2
     rank = int((variance > floor).sum())

@@ -74,10 +74,12 @@ def prepare(x, *, sign_by=None, normalize: bool = False, project_out: Optional[T
     features *= scale[:, None]
     if project_out is not None:
         directions = torch.as_tensor(project_out, dtype=torch.float32)
+        given = list(directions.shape)
         directions = directions[:, None] if directions.dim() == 1 else directions
-        if directions.shape[0] != features.shape[1]:
-            raise ValueError(f"project_out must be [K] or [K, m] with K = {features.shape[1]}; got "
-                             f"{list(directions.shape)}")
+        if directions.dim() != 2 or directions.shape[0] != features.shape[1]:
+            raise ValueError(f"project_out must be [K] or [K, m] with K = {features.shape[1]}; got {given}")
+        if not bool(torch.isfinite(directions).all()) or not bool(directions.norm(dim=0).gt(0).all()):
+            raise ValueError("project_out must hold finite, non-zero directions; got a zero or non-finite column")
         basis, _ = torch.linalg.qr(directions)
         features -= (features @ basis) @ basis.T
     if normalize:

@@ -22,6 +22,7 @@ from ..kernels.ops import masked_rows
 from .engine import GradientJob, ModelPass, batch_options
 from .outputs import FISHER_KINDS, fisher_terms
 from .rules import Contribution
+from .store import kill_point
 
 FORMAT = "decomp.fisher/1"
 
@@ -77,7 +78,14 @@ class Fisher(Mapping):
             save_file(tensors, partial, metadata={"format": "pt", "decomp": json.dumps(self.metadata())})
             with open(partial, "rb") as written:
                 os.fsync(written.fileno())
+            kill_point("fisher")
             os.replace(partial, path)
+        except Exception as error:
+            Path(partial).unlink(missing_ok=True)
+            message = (f"could not write the Fisher to {path}: {error}; nothing was written there (a file it would "
+                       f"replace is intact)")
+            code = getattr(error, "errno", None)
+            raise (OSError(code, message) if code is not None else OSError(message)) from error
         except BaseException:
             Path(partial).unlink(missing_ok=True)
             raise

@@ -57,6 +57,8 @@ def _write_json(path: Path, value: dict) -> None:
             handle.write(json.dumps(value, indent=1, sort_keys=True))
             handle.flush()
             os.fsync(handle.fileno())
+        if path.name.startswith("progress-"):
+            kill_point("progress")
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -262,15 +264,22 @@ class RowStore:
             arrays[column] = (np.full(n, -1, dtype=dtype) if value is None
                               else np.ascontiguousarray(value.detach().cpu().numpy().astype(dtype)))
         arrays["checksums"] = row_checksums(arrays, self.meta["dim"])
-        for column in COLUMNS:
-            with open(column_path(self.root, column), "r+b") as handle:
-                handle.seek(first * _row_bytes(column, self.meta["dim"]))
-                handle.write(arrays[column].tobytes())
-                handle.flush()
-                os.fsync(handle.fileno())
-        _hook("commit")
-        self.progress = {"next": first + n, "rows": self.progress["rows"] + n, "data": data}
-        _write_json(self.progress_path, self.progress)
+        progress = {"next": first + n, "rows": self.progress["rows"] + n, "data": data}
+        try:
+            for column in COLUMNS:
+                with open(column_path(self.root, column), "r+b") as handle:
+                    handle.seek(first * _row_bytes(column, self.meta["dim"]))
+                    handle.write(arrays[column].tobytes())
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            kill_point("commit")
+            _write_json(self.progress_path, progress)
+        except OSError as error:
+            raise OSError(error.errno, f"store {self.root}: writing the rows of examples {first}..{first + n - 1} "
+                                       f"failed ({error.strerror or error}); the {self.progress['rows']} rows "
+                                       f"committed before them are intact: free space (or fix the error) and call "
+                                       f"again with the same store to resume") from error
+        self.progress = progress
 
     def finish(self, rows: int, extra: dict) -> None:
         """Marks the store complete with `rows` rows (every writer's committed rows, which must cover 0..rows-1),
@@ -284,9 +293,18 @@ class RowStore:
         write_meta(self.root, self.meta)
 
 
-def _hook(point: str) -> None:
-    """A test hook: DECOMP_TEST_KILL_AT=<point> kills this process there (fault-injection tests)."""
-    if os.environ.get("DECOMP_TEST_KILL_AT") == point:
+_HOOK_COUNTS: dict = {}
+
+
+def kill_point(point: str) -> None:
+    """Fault injection for tests: DECOMP_TEST_KILL_AT=<point>[:<n>] SIGKILLs this process the n-th time (default
+    the first) it passes `point` ("commit": a batch's rows written, its progress not yet; "progress": the new
+    progress file written, not yet renamed; "fisher": a Fisher file written, not yet renamed)."""
+    wanted = os.environ.get("DECOMP_TEST_KILL_AT")
+    if not wanted or wanted.split(":")[0] != point:
+        return
+    _HOOK_COUNTS[point] = _HOOK_COUNTS.get(point, 0) + 1
+    if _HOOK_COUNTS[point] == int(wanted.split(":")[1] if ":" in wanted else 1):
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -62,6 +62,8 @@ def _fisher_linear_into(A: Tensor, G: Tensor, lengths: Optional[Tensor], weights
                         out: Tensor) -> None:
     check.lengths_values(lengths, A.shape[1])
     check.weights_values(weights)
+    if out.numel() == 0:   # nothing to accumulate (an empty feature dimension)
+        return
     if A.shape[1] == 1 and not A.is_cuda:
         # One token per example: sum_n w_n (g_n a_n^T)^2 = (w G^2)^T (A^2) is one GEMM, which the fused per-example
         # loop cannot beat on the CPU (benchmarks/results/kernels_cpu.md)
@@ -246,6 +248,8 @@ def _check_sketch_args(seed, dist, **positive):
 def _projection_matrix(rows: int, cols: int, seed: int, stream: int, dist: str, offset: int,
                        device: torch.device) -> Tensor:
     out = torch.empty(rows, cols, dtype=torch.float32, device=device)
+    if out.numel() == 0:   # the native core takes no empty views
+        return out
     _C.projection_matrix(view(out), seed, stream, _distribution(dist), offset, 1.0 / math.sqrt(rows),
                          num_threads(), stream_of(out))
     return out
@@ -273,6 +277,8 @@ def projection_matrix(rows: int, cols: int, *, seed: int, dist: str = "rademache
 @torch.library.custom_op("decomp::sketch_dense", mutates_args=())
 def _sketch_dense(X: Tensor, k: int, seed: int, offset: int, dist: str) -> Tensor:
     out = torch.empty(X.shape[0], k, dtype=torch.float32, device=X.device)
+    if X.numel() == 0:   # no example, or no column: the sketch of nothing is zero
+        return out.zero_()
     _C.sketch_dense(view(X), view(out), seed, STREAM_DENSE, _distribution(dist), offset, 1.0 / math.sqrt(k),
                     num_threads(), stream_of(X))
     return out
@@ -338,6 +344,8 @@ def kronecker_from_projections(A: Tensor, G: Tensor, S_out: Tensor, S_in: Tensor
 @torch.library.custom_op("decomp::count_sketch", mutates_args=())
 def _count_sketch(X: Tensor, k: int, seed: int, stream: int, lengths: Optional[Tensor]) -> Tensor:
     out = torch.empty(X.shape[0], X.shape[1], k, dtype=torch.float32, device=X.device)
+    if X.numel() == 0:
+        return out.zero_()
     _C.count_sketch(view(X), optional_view(lengths), view(out), seed, stream, num_threads(), stream_of(X))
     return out
 

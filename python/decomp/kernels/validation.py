@@ -111,6 +111,13 @@ def offset(value) -> None:
         raise ValueError(f"offset must be an int in [0, 2**63); got {value!r}")
 
 
+def column_range(offset_value: int, columns: int) -> None:
+    """Column indices offset .. offset + columns - 1 must stay below 2**63 (the generator's column counter)."""
+    if offset_value + columns > 2 ** 63:
+        raise ValueError(f"offset must leave room for the {columns} columns below 2**63 (offset + columns <= 2**63); "
+                         f"got offset={offset_value}")
+
+
 def choice(name: str, value, choices: Sequence) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
