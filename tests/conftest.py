@@ -30,3 +30,9 @@ def assert_within_rounding(actual, expected, magnitude, operations, dtype=torch.
     assert excess.numel() == 0 or excess.max() <= 0, (
         f"error {float((actual - expected).abs().flatten()[worst]):.3e} exceeds float32 bound "
         f"{float(bound.flatten()[worst]):.3e} at flat index {int(worst)}")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo", default="default", choices=("default", "full"),
+                     help="tests/test_zoo.py: 'default' checks a representative set of Hugging Face families; 'full' "
+                          "every family of every auto mapping, and writes benchmarks/results/zoo.md")

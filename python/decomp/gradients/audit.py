@@ -8,6 +8,7 @@ example's forward and backward with parameter gradients).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -22,23 +23,20 @@ AUDIT_FLOOR = 1e-3       # x the typical gradient entry: below it a parameter's 
 
 
 def audit(capture, batch, indices, term_fn) -> None:
-    """Rules against autograd on the first example: mismatching parameters move to the fallback."""
+    """Rules against autograd on the first example, run in a batch of the first two (so that an input without
+    the batch dimension cannot pass for the example's own): mismatching parameters move to the fallback, and the
+    fallback, when any, is announced once."""
     capture.audited = False
-    single = {k: v[:1] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-    mask = single.get("attention_mask")
-    if mask is not None and hf.is_prefix(mask):  # the example without its padding: cheaper, same rules
-        keep = max(int(mask.sum()), 1)
-        single = {k: v[:, :keep] if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-                  else v for k, v in single.items()}
+    few = _first_examples(capture, batch, 2)
     recorder = _Recorder(capture)
-    terms_index = indices[:1]
+    terms_index = indices[:_size(few)]
     # first pass with the rules (this may already demote modules whose inputs have no batch dimension)
-    capture.hooked_pass(single, terms_index, term_fn, recorder, first_term_only=True)
+    capture.hooked_pass(few, terms_index, term_fn, recorder, first_term_only=True)
     params = list(capture.params.values())
     with capture.requiring_grad(params):
-        inputs = hf.model_inputs(capture.model, single, capture.device)
-        term = term_fn(capture.model(**inputs).logits, single, terms_index)[0]
-        expected = torch.autograd.grad(term.sum(), params, allow_unused=True)
+        inputs = hf.model_inputs(capture.model, few, capture.device)
+        term = term_fn(capture.model(**inputs).logits, few, terms_index)[0]
+        expected = torch.autograd.grad(term[0], params, allow_unused=True)
     expected = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(params, expected)]
     # gradients that vanish in exact arithmetic (a key bias under softmax's shift invariance) are rounding
     # noise on both sides; they are compared against the typical entry of the whole gradient instead
@@ -48,6 +46,10 @@ def audit(capture, batch, indices, term_fn) -> None:
         if capture.rules[name] == "fallback":
             continue
         got = recorder.grads.get(name)
+        if got is not None and got[0].numel() != grad.numel():
+            capture.reasons[name] = f"audit: the {capture.rules[name]} rule gave a gradient of the wrong shape"
+            capture.rules[name] = "fallback"
+            continue
         got = torch.zeros_like(grad) if got is None else got[0].reshape(grad.shape).float()
         difference = got.sub_(grad)   # in place: both are scratch, and the word embeddings' are large
         error = torch.linalg.vector_norm(difference)
@@ -59,6 +61,40 @@ def audit(capture, batch, indices, term_fn) -> None:
             capture.rules[name] = "fallback"
     capture.audited = True
     AUDITS[capture.model] = (capture._fingerprint(), dict(capture.rules), dict(capture.reasons))
+    if capture.fallback_names:
+        announce_fallback(capture, capture.fallback_names)
+
+
+def _size(batch: dict) -> int:
+    return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "pixel_values", "attention_mask")
+                and isinstance(v, Tensor))
+
+
+def _first_examples(capture, batch: dict, count: int) -> dict:
+    """The batch's first `count` examples, their common padding cut when right-padded (cheaper, same rules).
+    Token-level labels (causal LM, token classification) are cut with the inputs; seq2seq labels are not."""
+    N = _size(batch)
+    few = {k: v[:count] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == N else v for k, v in batch.items()}
+    mask = few.get("attention_mask")
+    if mask is None or not hf.is_prefix(mask):
+        return few
+    T, keep = mask.shape[1], max(int(mask.sum(1).max()), 1)
+    cut = ["input_ids", "attention_mask", "token_type_ids", "position_ids"]
+    if capture.task in ("causal_lm", "token_classification"):
+        cut.append("labels")
+    return {k: v[:, :keep] if k in cut and isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == T else v
+            for k, v in few.items()}
+
+
+def announce_fallback(capture, names) -> None:
+    """One warning naming the parameters that use the exact (slower) per-example fallback, and their share."""
+    sizes = {name: p.numel() for name, p in capture.params.items()}
+    share = sum(sizes[name] for name in names) / sum(sizes.values())
+    listed = "; ".join(f"{name} ({capture.reasons[name]})" for name in list(names)[:8])
+    more = f"; and {len(names) - 8} more" if len(names) > 8 else ""
+    warnings.warn(f"decomp: {len(names)} parameter(s) of {type(capture.model).__name__} ({share:.1%} of its "
+                  f"parameters) use the exact per-example autograd fallback, slower but exact: {listed}{more}. "
+                  f"decomp.coverage(model) lists every parameter's rule.", stacklevel=4)
 
 
 class _Recorder:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hf
-from .audit import AUDITS, audit
+from .audit import AUDITS, announce_fallback, audit
 from .outputs import terms as output_terms
 from .rules import Contribution, assign_rules, module_rule, token_sum
 
@@ -42,6 +42,7 @@ class GradientCapture:
             self.rules, self.reasons, self.audited = dict(cached[1]), dict(cached[2]), True
         self._batch: Optional[dict] = None
         self._busy = False
+        self._modes: list = []
 
     def _fingerprint(self) -> tuple:
         """The model's structure: which parameters are trainable, and which modules hold them."""
@@ -70,13 +71,21 @@ class GradientCapture:
         return found
 
     def _demote(self, names, reason: str) -> None:
-        if not self.audited:
-            for name in names:
-                self.rules[name] = "fallback"
-                self.reasons[name] = reason
-            return
-        raise RuntimeError(f"decomp's rule for {', '.join(names)} does not fit this batch ({reason}); it fit the "
-                           f"first batch. Please report this model type.")
+        """Moves parameters to the exact fallback. Before or during the audit this is silent (the audit's report
+        lists them); on a later batch (a use the first batch did not show, such as an input whose batch dimension
+        only matched the audit's single example) the current batch and every later one use the fallback, and the
+        move is announced once."""
+        names = [name for name in names if self.rules[name] != "fallback"]
+        for name in names:
+            self.rules[name] = "fallback"
+            self.reasons[name] = reason
+            if self._batch is not None:
+                self._batch["pending"].pop(name, None)
+        if names and self.audited:
+            cached = AUDITS.get(self.model)
+            if cached is not None:
+                AUDITS[self.model] = (cached[0], dict(self.rules), dict(self.reasons))
+            announce_fallback(self, names)
 
     # ---- hooks -------------------------------------------------------------------------------------------
 
@@ -85,7 +94,13 @@ class GradientCapture:
         """Eval mode, parameters frozen (no weight-gradient GEMMs) and hooks on; all restored on exit."""
         was_training = self.model.training
         frozen = [p for p in self.params.values()]
-        handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
+        handles = []
+        for m in self.modules:
+            if isinstance(m, nn.Embedding):   # the ids its forward really looks up (offsets, scaled outputs)
+                handles.append(m.register_forward_pre_hook(self._embedding_enter))
+                handles.append(m.register_forward_hook(self._embedding_exit, always_call=True))
+            else:
+                handles.append(m.register_forward_hook(self._forward_hook))
         self.model.eval()
         for p in frozen:
             p.requires_grad_(False)
@@ -107,6 +122,42 @@ class GradientCapture:
             return None
         return found
 
+    def _embedding_enter(self, module, args):
+        if self._batch is None or self._busy or not self._ruled(module):
+            return None
+        mode = _EmbeddingLookups(self, module)
+        mode.__enter__()
+        self._modes.append(mode)
+        return None
+
+    def _embedding_exit(self, module, args, output):
+        if self._modes and self._modes[-1].module is module:
+            self._modes.pop().__exit__(None, None, None)
+        return None
+
+    def _lookup(self, module, ids: Tensor, output: Tensor, padding_idx) -> Tensor:
+        """One F.embedding(ids, module.weight) inside the module's forward: its output, made a leaf whose
+        gradient (per example) is delivered; ids [1, T] broadcast over the batch are expanded first."""
+        ruled, N = self._ruled(module), self._batch["N"]
+        if not ruled:
+            return output
+        if ids.dim() >= 2 and ids.shape[0] == 1 and N > 1:
+            ids, output = ids.expand(N, *ids.shape[1:]), output.expand(N, *output.shape[1:])
+        if ids.dim() < 2 or ids.shape[0] != N:
+            self._demote([name for name, _, _ in ruled],
+                         f"{type(module).__name__} looks up ids {list(ids.shape)} without a batch dimension of {N}")
+            return output
+        output = output.detach().requires_grad_(True)
+        seq = ids.reshape(N, -1)
+        mask = self._mask_for(module, seq.shape[1]) if ids.dim() == 2 else None
+        self._register(module, ruled, seq, mask, output, padding_idx)
+        return output
+
+    def _register(self, module, ruled, seq, mask, output, padding_idx=None) -> None:
+        for name, _, _ in ruled:
+            self._batch["uses"][name] = self._batch["uses"].get(name, 0) + 1
+        output.register_hook(lambda g: self._deliver(module, ruled, seq, mask, g, padding_idx))
+
     def _forward_hook(self, module, args, output):
         batch = self._batch
         if batch is None or self._busy or not isinstance(output, Tensor):
@@ -115,26 +166,35 @@ class GradientCapture:
         if not ruled or not args or not isinstance(args[0], Tensor):
             return None
         x, N = args[0], batch["N"]
-        replaced = None
-        if isinstance(module, nn.Embedding) and x.dim() >= 2 and x.shape[0] == 1 and N > 1:
-            # broadcast ids (position ids [1, T]): expand so that the gradient arrives per example
-            x = x.expand(N, *x.shape[1:])
-            output = replaced = output.expand(N, *output.shape[1:])
+        if x.dim() == 2 and x.shape[0] != N:
+            # tokens flattened into rows ([N T, in], as OPT's feed-forward layers do): back to [N, T, in]
+            T = next((m[0].shape[1] for m in batch["masks"].values() if x.shape[0] == N * m[0].shape[1]), None)
+            if T is not None and output.shape[0] == x.shape[0]:
+                x, output = x.view(N, T, x.shape[-1]), output.view(N, T, output.shape[-1])
+                replaced = self._leaf(output)
+                self._register(module, ruled, x, self._mask_for(module, T), replaced)
+                return replaced.view(N * T, -1)
         if x.shape[0] != N or output.shape[0] != N:
             self._demote([name for name, _, _ in ruled],
                          f"{type(module).__name__} input {list(x.shape)} has no batch dimension of {N}")
-            return replaced
-        if not output.requires_grad:
-            output = output if replaced is not None else output.detach()
-            output.requires_grad_(True)
-            replaced = output
-        seq = x.reshape(N, -1) if isinstance(module, nn.Embedding) else x.reshape(N, -1, x.shape[-1])
-        mask = self._mask_for(module, seq.shape[1]) if x.dim() == (2 if isinstance(module, nn.Embedding) else 3) \
-            else None
-        for name, _, _ in ruled:
-            batch["uses"][name] = batch["uses"].get(name, 0) + 1
-        output.register_hook(lambda g: self._deliver(module, ruled, seq, mask, g))
+            return None
+        misfit = [name for name, _, p in ruled if p.dim() == 1 and output.shape[-1] != p.shape[0]]
+        if misfit:   # e.g. a norm that permutes its input inside its forward: features not on the last axis
+            self._demote(misfit, f"{type(module).__name__} output {list(output.shape)} does not hold its "
+                                 f"features on the last axis")
+            ruled = self._ruled(module)
+            if not ruled:
+                return None
+        replaced = self._leaf(output)
+        seq = x.reshape(N, -1, x.shape[-1])
+        mask = self._mask_for(module, seq.shape[1]) if x.dim() == 3 else None
+        self._register(module, ruled, seq, mask, replaced)
         return replaced
+
+    @staticmethod
+    def _leaf(output: Tensor) -> Tensor:
+        """The output itself when it already requires grad (inputs do), else a detached leaf that does."""
+        return output if output.requires_grad else output.detach().requires_grad_(True)
 
     def _normalized(self, module, x: Tensor) -> Tensor:
         """d output / d weight of an elementwise-affine norm: f(w=1, b=0) - f(w=0, b=0), exact for any
@@ -154,7 +214,7 @@ class GradientCapture:
         finally:
             self._busy = False
 
-    def _deliver(self, module, ruled, seq: Tensor, mask, g: Tensor) -> None:
+    def _deliver(self, module, ruled, seq: Tensor, mask, g: Tensor, padding_idx=None) -> None:
         batch = self._batch
         N = batch["N"]
         lengths = None
@@ -165,8 +225,8 @@ class GradientCapture:
                                                                                               device=g.device))
         embedding = isinstance(module, nn.Embedding)
         g = g.reshape(N, -1, g.shape[-1])
-        if embedding and module.padding_idx is not None:  # autograd leaves the padding row's gradient at zero
-            g = torch.where((seq == module.padding_idx)[..., None], torch.zeros((), dtype=g.dtype, device=g.device), g)
+        if embedding and padding_idx is not None:  # autograd leaves the padding row's gradient at zero
+            g = torch.where((seq == padding_idx)[..., None], torch.zeros((), dtype=g.dtype, device=g.device), g)
         for name, role, _ in ruled:
             rule = module_rule(module, role)
             if rule == "linear":
@@ -184,6 +244,8 @@ class GradientCapture:
 
     def _receive(self, name: str, item) -> None:
         batch = self._batch
+        if self.rules[name] == "fallback":   # demoted during this batch's forward: the fallback covers it
+            return
         pending = batch["pending"].setdefault(name, [])
         pending.append(item)
         if len(pending) == batch["uses"][name]:
@@ -235,6 +297,8 @@ class GradientCapture:
                 for name in list(self._batch["pending"]):
                     self._flush(name)
         finally:
+            while self._modes:
+                self._modes.pop().__exit__(None, None, None)
             self._batch = None
         return [t.detach() for t in terms]
 
@@ -263,6 +327,28 @@ class GradientCapture:
                     grads = torch.autograd.grad(term.sum(), params, retain_graph=j + 1 < len(terms), allow_unused=True)
                     for name, p, grad in zip(names, params, grads):
                         consumer.fallback(name, n, torch.zeros_like(p) if grad is None else grad)
+
+
+class _EmbeddingLookups(torch.overrides.TorchFunctionMode):
+    """Active only inside one embedding module's forward: every F.embedding of its weight is handed to the
+    capture with the ids it really looks up (BART / OPT positions add an offset to what the module receives;
+    scaled embeddings multiply the lookup afterwards, which the gradient at the lookup then includes)."""
+
+    def __init__(self, capture: GradientCapture, module: nn.Module):
+        super().__init__()
+        self.capture, self.module = capture, module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if func is torch.nn.functional.embedding:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is self.module.weight and isinstance(output, Tensor):
+                padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+                if padding_idx is not None and padding_idx < 0:
+                    padding_idx += weight.shape[0]
+                return self.capture._lookup(self.module, args[0], output, padding_idx)
+        return output
 
 
 def _check_finite(terms: list[Tensor], indices: Tensor) -> None:

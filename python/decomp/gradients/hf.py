@@ -17,7 +17,7 @@ from torch import Tensor
 TASKS = ("classification", "causal_lm", "seq2seq", "token_classification")
 LABEL_COLUMNS = ("labels", "label")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "decoder_input_ids",
-                 "decoder_attention_mask")
+                 "decoder_attention_mask", "pixel_values")
 
 
 def task_of(model) -> str:
@@ -29,7 +29,7 @@ def task_of(model) -> str:
         return "causal_lm"
     if "TokenClassification" in name:
         return "token_classification"
-    if "SequenceClassification" in name:
+    if "SequenceClassification" in name or "ImageClassification" in name:
         return "classification"
     raise ValueError(f"model must be a sequence-classification, causal-LM, token-classification or seq2seq "
                      f"model from transformers; got {name}, whose per-example output decomp cannot define")
@@ -112,7 +112,7 @@ def batches(data, *, batch_size: int = 32, tokenizer=None, text_column: Optional
 
 
 def _batch_size(batch: Mapping) -> int:
-    for key in ("input_ids", "attention_mask", "labels"):
+    for key in ("input_ids", "pixel_values", "attention_mask", "labels"):
         if isinstance(batch.get(key), Tensor):
             return batch[key].shape[0]
     raise ValueError(f"a batch must hold an input_ids tensor [N, T]; got keys {sorted(batch)}")

@@ -51,7 +51,7 @@ def is_norm(module) -> bool:
     name = type(module).__name__
     weight = getattr(module, "weight", None)
     return (isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))
-            or name.endswith(("LayerNorm", "RMSNorm"))) and isinstance(weight, Tensor) and weight.dim() == 1
+            or name.endswith(("LayerNorm", "RMSNorm", "NoNorm"))) and isinstance(weight, Tensor) and weight.dim() == 1
 
 
 def module_rule(module, role: str) -> Optional[str]:
