@@ -20,6 +20,7 @@ from decomp.gradients.store import DamagedStoreError
 from conftest import assert_within_rounding
 from models import VOCAB, padded_batch, tiny
 from test_fisher_ops import make_factor, make_lengths, poison_padding, rounding_steps
+from test_sketch_ops import per_example_gradients
 
 SMALL = dict(k_out=4, k_in=4, k_vector=64, progress=False)
 LENGTHS = [5, 3, 7, 1]
@@ -252,6 +253,10 @@ CASES = [
      ValueError, ["k_vector", "0"]),
     ("sketch-k", lambda t: decomp.sketch_gradients(model("bert"), [batch()], k=-2, **SMALL), ValueError,
      ["k", "-2"]),
+    ("sketch-target", lambda t: decomp.sketch_gradients(model("bert"), [batch()], output="logit", target=5,
+                                                        **SMALL), ValueError, ["target", "num_labels=3", "5"]),
+    ("sketch-target-negative", lambda t: decomp.sketch_gradients(model("bert"), [batch()], output="logit",
+                                                                 target=-1, **SMALL), ValueError, ["target", "-1"]),
     ("sketch-batch_size", lambda t: decomp.sketch_gradients(model("bert"), [batch()], batch_size=0, **SMALL),
      ValueError, ["batch_size", "0"]),
     ("sketch-max_length", lambda t: decomp.sketch_gradients(model("bert"), [batch()], max_length=0, **SMALL),
@@ -292,6 +297,7 @@ CASES = [
      ["row 2", "checksum"]),
     ("load-store-rows", lambda t: decomp.GradientSketch.load(damaged_store(t, "rows")), DamagedStoreError,
      ["holds 4 rows", "first bad row 4"]),
+    ("pca-store-unfinished", lambda t: decomp.pca(unfinished(t), 2), ValueError, ["unfinished run", "store"]),
     ("pca-store-truncated", lambda t: decomp.pca(damaged_store(t, "truncated"), 2), DamagedStoreError,
      ["features.f32", "first bad row 2"]),
     # ---- Fisher and Components files
@@ -464,15 +470,6 @@ def factors(draw_seed, N, T, fin, fout, dtype, contiguous, with_lengths):
     return poison_padding(A, lengths), poison_padding(G, lengths), lengths, A, G
 
 
-def examples_of(A, G, lengths):
-    """[N, out * in] float64 per-example gradients sum_t g_t a_t^T over the valid tokens."""
-    rows = []
-    for n in range(A.shape[0]):
-        L = A.shape[1] if lengths is None else int(lengths[n])
-        rows.append((G[n, :L].double().T @ A[n, :L].double()).flatten())
-    return torch.stack(rows) if rows else torch.zeros(0, G.shape[2] * A.shape[2], dtype=torch.float64)
-
-
 @PROPERTY
 @given(N=SIZES, T=st.sampled_from([0, 1, 2, 5]), fin=SIZES, fout=SIZES, dtype=DTYPES, contiguous=st.booleans(),
        with_lengths=st.booleans(), with_weights=st.booleans(), seed=st.integers(0, 2 ** 31))
@@ -521,7 +518,7 @@ def test_dense_sketch_and_projection_match_the_reference(N, p, k, dtype, contigu
        seed=st.integers(0, 2 ** 32 - 1))
 def test_linear_sketches_match_the_reference(N, T, fin, fout, dtype, contiguous, with_lengths, k, seed):
     A, G, lengths, clean_A, clean_G = factors(seed % 2 ** 31, N, T, fin, fout, dtype, contiguous, with_lengths)
-    mass = examples_of(clean_A.abs(), clean_G.abs(), lengths)
+    mass = per_example_gradients(clean_A.abs(), clean_G.abs(), lengths)
     result = ops.sketch_linear(A, G, k_out=k, k_in=2, seed=seed, lengths=lengths)
     expected = reference.sketch_linear(clean_A.double(), clean_G.double(), k_out=k, k_in=2, seed=seed,
                                        lengths=lengths)
@@ -578,3 +575,28 @@ def test_infinity_propagates_like_nan_in_the_dense_sketch():
     X[0, 4] = float("inf")
     result = ops.sketch_dense(X, k=4, seed=0)
     assert bool(torch.isinf(result[0]).all()) and bool(torch.isfinite(result[1]).all())
+
+
+# --- gradients that turn non-finite are named where they arise -------------------------------------------------
+
+def poisoned_backward(example: int):
+    """A tiny BERT whose backward pass (not its forward) turns NaN for one example of a 4-example batch."""
+    poisoned = tiny("bert")
+
+    def hook(module, grad_input, grad_output):
+        if grad_input[0] is None or grad_input[0].shape[0] < 4:   # the audit's single examples pass
+            return None
+        g = grad_input[0].clone()
+        g[example] = float("nan")
+        return (g,)
+
+    poisoned.bert.encoder.layer[1].output.dense.register_full_backward_hook(hook)
+    return poisoned
+
+
+def test_non_finite_gradients_name_the_example_and_write_nothing(tmp_path):
+    with pytest.raises(FloatingPointError, match="sketched gradient of example 2 is not finite"):
+        decomp.sketch_gradients(poisoned_backward(2), [batch()], store=tmp_path / "store", **SMALL)
+    assert not list((tmp_path / "store").glob("progress-*.json"))
+    with pytest.raises(FloatingPointError, match=r"not finite after the batch of examples 0\.\.3"):
+        decomp.compute_fisher(poisoned_backward(1), [batch()], kind="empirical", progress=False)

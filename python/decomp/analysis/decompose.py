@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from ..gradients.sketch import GradientSketch
-from ..gradients.store import read_columns
 from .components import Components
 from .prepare import _features, _indices, _sketch_config, prepare
 
@@ -35,8 +34,7 @@ def pca(x, n_components: int, *, center: bool = True, method: str = "auto", seed
     store directory or memory-mapped sketch, never all rows at once), or "auto" (exact when N*K <= 16.7M, else
     streaming when K <= 8192, else randomized). x may also be a store directory path."""
     if isinstance(x, (str, Path)):
-        meta, columns = read_columns(x)
-        x = GradientSketch._from(meta, columns, Path(x))
+        x = GradientSketch.load(x)   # a finished store, its rows checked against their checksums
         method = "streaming" if method == "auto" else method
     features = _features(x)
     N, K = features.shape

@@ -158,6 +158,15 @@ class FisherJob(GradientJob):
         self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                      for name, p in self.params.items()}
 
+    def step(self, indices: Tensor, batch: dict) -> None:
+        super().step(indices, batch)
+        # the squared gradients of a batch (not only its outputs) are finite, or the error names the batch's examples
+        if not bool(torch.stack([torch.isfinite(s).all() for s in self.sums.values()]).all()):
+            name = next(name for name, s in self.sums.items() if not bool(torch.isfinite(s).all()))
+            raise FloatingPointError(f"the squared gradients of {name!r} are not finite after the batch of examples "
+                                     f"{int(indices[0])}..{int(indices[-1])} (an overflow in the backward pass?): "
+                                     f"no Fisher is returned")
+
     def terms(self, logits, batch, indices):
         return fisher_terms(self.capture.task, logits, batch, indices, kind=self.kind, seed=self.seed)
 

@@ -116,6 +116,11 @@ class SketchJob(GradientJob):
         if self.config["k"] is not None:
             features = ops.sketch_dense(features, k=self.config["k"], seed=derived_seed(self.config["seed"],
                                                                                         "second stage"))
+        bad = ~torch.isfinite(features).all(1)
+        if bool(bad.any()):
+            raise FloatingPointError(f"the sketched gradient of example {int(indices[bad.nonzero()[0, 0].cpu()])} is "
+                                     f"not finite (an overflow in the backward pass?); nothing was written for its "
+                                     f"batch")
         labels = batch.get("labels") if self.capture.task == "classification" else None
         if self.writer is not None:
             self.digest = data_digest(indices, batch, self.writer.progress["data"] or 0)
@@ -273,7 +278,10 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
     Defaults give MiniLM about 3,000 features: k_out x k_in = 8 x 8 per matrix, k_vector = 512 for the rest;
     `k` adds a second dense sketch of the whole down to k. `seed` fixes every projection (and the draws of
     output='sampled'). With `store` (a directory) rows are committed batch by batch: calling again after a kill
-    resumes and gives bit-identical features (same data order and batch size required, and checked).
+    resumes and gives bit-identical features. The store records every setting, a fingerprint of the weights and a
+    running digest of the inputs as batched (token ids, masks, labels; the committed batches are re-read, not
+    recomputed, to compare them) and a checksum per row: resuming or reusing it with other settings, weights or
+    data is refused naming what differs, and a damaged store is refused naming its first bad row.
 
     distributed: under torch.distributed (an initialised process group, or True to require one) every rank
     sketches its share of the batches (see decomp.distributed) into its rows of the one `store`, which is then
@@ -286,6 +294,10 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
             validation.positive_int(name, value)
     options = batch_options(batch_size=batch_size, max_examples=max_examples, tokenizer=tokenizer,
                             text_column=text_column, label_column=label_column, max_length=max_length)
+    if target is not None:
+        classes = getattr(getattr(model, "config", None), "num_labels", None)
+        if isinstance(target, bool) or not isinstance(target, int) or target < 0 or (classes and target >= classes):
+            raise ValueError(f"target must be a class index in [0, num_labels={classes}); got {target!r}")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     blocks = sketch_layout(params, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector)
     config = {"model": model_name(model), "parameters": sum(p.numel() for p in params.values()), "output": output,

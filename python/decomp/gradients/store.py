@@ -322,7 +322,8 @@ def read_columns(root, verify: bool = True) -> tuple[dict, dict]:
             verify_rows(root, dim, range(rows))
         else:   # at least never map beyond a file's end
             for column in COLUMNS:
-                held = column_path(root, column).stat().st_size // _row_bytes(column, dim)
+                path = column_path(root, column)
+                held = path.stat().st_size // _row_bytes(column, dim) if path.exists() else 0
                 if held < rows:
                     raise DamagedStoreError(f"store {root} is damaged: {column_path(root, column).name} holds "
                                             f"{held} of its {rows} rows; first bad row {held}")
