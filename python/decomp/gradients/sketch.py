@@ -28,7 +28,8 @@ from .engine import GradientJob, ModelPass, batch_options
 from .fisher import model_name
 from .outputs import OUTPUTS, terms as output_terms
 from .rules import Contribution, materialize
-from .store import RowStore, committed_rows, data_digest, read_columns, read_meta, weights_fingerprint
+from .store import (RowStore, committed_rows, data_digest, read_columns, read_meta, verify_rows,
+                    weights_fingerprint)
 
 KRON_MIN_RATIO = 4  # a side shorter than 4 x its sketch side goes to the dense vector block instead
 
@@ -104,6 +105,8 @@ class SketchJob(GradientJob):
                 if first + N > resume:
                     raise ValueError(f"cannot resume store {self.writer.root} at example {resume}: it falls inside "
                                      f"a batch ({first}..{first + N}); resume with the batches of the interrupted run")
+                if self.config.get("world_size", 1) > 1:   # one writer's rows were all checked when it opened
+                    verify_rows(self.writer.root, self.writer.meta["dim"], range(first, first + N))
                 self.digest, self.hashed = data_digest(indices, batch, self.digest), self.hashed + N
                 return
             self.check_data(more=True)
@@ -236,6 +239,14 @@ class GradientSketch:
                    meta["blocks"], meta["config"], meta.get("coverage"), path)
 
 
+def _check_class(name: str, value, model) -> None:
+    """None, or a class index of the model's classifier."""
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0
+                              or (classes and value >= classes)):
+        raise ValueError(f"{name} must be a class index in [0, num_labels={classes}); got {value!r}")
+
+
 def _check_target(path: Path, overwrite: bool) -> None:
     if not path.exists() and not path.is_symlink():
         return
@@ -294,10 +305,7 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
             validation.positive_int(name, value)
     options = batch_options(batch_size=batch_size, max_examples=max_examples, tokenizer=tokenizer,
                             text_column=text_column, label_column=label_column, max_length=max_length)
-    if target is not None:
-        classes = getattr(getattr(model, "config", None), "num_labels", None)
-        if isinstance(target, bool) or not isinstance(target, int) or target < 0 or (classes and target >= classes):
-            raise ValueError(f"target must be a class index in [0, num_labels={classes}); got {target!r}")
+    _check_class("target", target, model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     blocks = sketch_layout(params, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector)
     config = {"model": model_name(model), "parameters": sum(p.numel() for p in params.values()), "output": output,

@@ -216,6 +216,7 @@ class RowStore:
             verify_rows(self.root, dim, range(meta["rows"]))
         elif config.get("world_size", 1) == 1:   # one writer: its committed rows are 0 .. next - 1
             verify_rows(self.root, dim, range(self.progress["next"]))
+        # (several writers: each committed batch's rows are checked as the resumed run re-reads it)
 
     def _check(self, meta: dict, config: dict, dim: int, weights: Optional[str]) -> None:
         if meta["config"] != config or meta["dim"] != dim:
