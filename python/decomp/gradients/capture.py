@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import hf
 from .audit import AUDITS, announce_fallback, audit
 from .outputs import terms as output_terms
-from .rules import Contribution, assign_rules, module_rule, token_sum
+from .rules import Contribution, assign_rules, conv2d_gradients, module_rule, token_sum
 
 
 class GradientCapture:
@@ -43,6 +43,7 @@ class GradientCapture:
         self._batch: Optional[dict] = None
         self._busy = False
         self._modes: list = []
+        self._demoted: list = []
 
     def _fingerprint(self) -> tuple:
         """The model's structure: which parameters are trainable, and which modules hold them."""
@@ -85,7 +86,7 @@ class GradientCapture:
             cached = AUDITS.get(self.model)
             if cached is not None:
                 AUDITS[self.model] = (cached[0], dict(self.rules), dict(self.reasons))
-            announce_fallback(self, names)
+            self._demoted.extend(names)   # announced once, when the batch's pass ends
 
     # ---- hooks -------------------------------------------------------------------------------------------
 
@@ -166,6 +167,10 @@ class GradientCapture:
         if not ruled or not args or not isinstance(args[0], Tensor):
             return None
         x, N = args[0], batch["N"]
+        if isinstance(module, nn.Conv2d) and x.dim() == 4 and x.shape[0] == N and output.shape[0] == N:
+            replaced = self._leaf(output)
+            self._register(module, ruled, x, None, replaced)
+            return replaced
         if x.dim() == 2 and x.shape[0] != N:
             # tokens flattened into rows ([N T, in], as OPT's feed-forward layers do): back to [N, T, in]
             T = next((m[0].shape[1] for m in batch["masks"].values() if x.shape[0] == N * m[0].shape[1]), None)
@@ -217,6 +222,10 @@ class GradientCapture:
     def _deliver(self, module, ruled, seq: Tensor, mask, g: Tensor, padding_idx=None) -> None:
         batch = self._batch
         N = batch["N"]
+        if isinstance(module, nn.Conv2d):   # images: no padding, whole per-example gradients (small kernels)
+            for name, role, _ in ruled:
+                self._receive(name, conv2d_gradients(module, seq, g) if role == "weight" else g.float().sum((2, 3)))
+            return
         lengths = None
         if mask is not None:
             bool_mask, lengths = mask
@@ -300,6 +309,9 @@ class GradientCapture:
             while self._modes:
                 self._modes.pop().__exit__(None, None, None)
             self._batch = None
+            if self._demoted:
+                announce_fallback(self, self._demoted)
+                self._demoted = []
         return [t.detach() for t in terms]
 
     @contextlib.contextmanager

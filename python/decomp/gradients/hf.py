@@ -23,14 +23,14 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 def task_of(model) -> str:
     """The model's task: classification (logits [N, C]), causal_lm, seq2seq or token_classification."""
     name = type(model).__name__
+    if "SequenceClassification" in name or "ImageClassification" in name:   # BART's too, encoder-decoder or not
+        return "classification"
+    if "TokenClassification" in name:
+        return "token_classification"
     if getattr(model.config, "is_encoder_decoder", False):
         return "seq2seq"
     if "CausalLM" in name or "LMHead" in name:
         return "causal_lm"
-    if "TokenClassification" in name:
-        return "token_classification"
-    if "SequenceClassification" in name or "ImageClassification" in name:
-        return "classification"
     raise ValueError(f"model must be a sequence-classification, causal-LM, token-classification or seq2seq "
                      f"model from transformers; got {name}, whose per-example output decomp cannot define")
 

@@ -6,7 +6,9 @@ weight-gradient GEMMs altogether:
 
   linear     nn.Linear weight [out, in]:          g_n = sum_t G_t A_t^T   (left G [N, T, out], right A [N, T, in])
   conv1d     transformers' Conv1D weight [in, out]: g_n = sum_t A_t G_t^T
-  embedding  nn.Embedding weight [V, d]:           g_n = sum_t e_{id_t} G_t^T (only the rows of the ids)
+  embedding  nn.Embedding weight [V, d]:           g_n = sum_t e_{id_t} G_t^T (only the rows of the ids), at the ids
+                                                   its forward really looks up (offset positions, scaled outputs)
+  conv2d     nn.Conv2d weight [out, in, kh, kw]:   g_n = G_n unfold(x_n)^T over output positions (ViT patches)
   norm       LayerNorm / RMSNorm weight [d]:       g_n = sum_t G_t * xhat_t, xhat = f(w=1, b=0) - f(w=0, b=0)
   bias       any of these modules' bias [d]:       g_n = sum_t G_t
   fallback   anything else: exact per-example autograd (slow; reported by decomp.coverage)
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from ..kernels.ops import masked_rows
 
-RULES = ("linear", "conv1d", "embedding", "norm", "bias", "fallback")
+RULES = ("linear", "conv1d", "conv2d", "embedding", "norm", "bias", "fallback")
 
 
 @dataclass
@@ -47,6 +49,20 @@ def is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
+def is_plain_conv2d(module) -> bool:
+    """An nn.Conv2d that unfold reproduces: one group, zero padding given as numbers."""
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" and \
+        isinstance(module.padding, tuple)
+
+
+def conv2d_gradients(module: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
+    """Per-example weight gradients [N, out * in * kh * kw] (float32) of a Conv2d from its input x [N, in, H, W]
+    and output gradient g [N, out, H', W']: G_n unfold(x_n)^T, summed over output positions."""
+    patches = torch.nn.functional.unfold(x.float(), module.kernel_size, dilation=module.dilation,
+                                         padding=module.padding, stride=module.stride)    # [N, in kh kw, L]
+    return torch.bmm(g.float().flatten(2), patches.transpose(1, 2)).flatten(1)
+
+
 def is_norm(module) -> bool:
     name = type(module).__name__
     weight = getattr(module, "weight", None)
@@ -58,6 +74,8 @@ def module_rule(module, role: str) -> Optional[str]:
     """The fast rule for parameter `role` ('weight', 'bias') owned directly by `module`, or None."""
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return {"weight": "conv1d" if is_conv1d(module) else "linear", "bias": "bias"}.get(role)
+    if is_plain_conv2d(module):
+        return {"weight": "conv2d", "bias": "bias"}.get(role)
     if isinstance(module, nn.Embedding):
         plain = module.max_norm is None and not module.scale_grad_by_freq
         return "embedding" if role == "weight" and plain else None
