@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels import validation
+
 
 @dataclass
 class Alignment:
@@ -200,6 +202,5 @@ class Components:
 def component_fishers(directions: list, num_examples: int) -> list:
     """Component-restricted diagonal Fishers v_c * v_c / N from unit-loading directions (``unit=True``). For PCA
     without centring and with all components kept they sum to the empirical Fisher (1/N) sum_n g_n^2."""
-    if not isinstance(num_examples, int) or num_examples < 1:
-        raise ValueError(f"num_examples must be a positive int; got {num_examples!r}")
+    validation.positive_int("num_examples", num_examples)
     return [{name: v.square() / num_examples for name, v in direction.items()} for direction in directions]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..gradients.sketch import GradientSketch
+from ..kernels import validation
 from .components import Components
 from .prepare import _features, _indices, _sketch_config, prepare
 
@@ -21,8 +22,7 @@ STREAM_CHUNK = 8192         # rows per chunk of the streaming (store) path
 
 
 def _check_rank(n_components: int, N: int, K: int) -> None:
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-        raise ValueError(f"n_components must be a positive int; got {n_components!r}")
+    validation.positive_int("n_components", n_components)
     if n_components > min(N, K):
         raise ValueError(f"n_components must be at most min(N, K) = {min(N, K)} for [{N}, {K}] features; "
                          f"got {n_components}")

@@ -277,6 +277,22 @@ def _install(partial: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _settings(model, *, output, seed, k_out, k_in, k_vector, k, batch_size, target, max_length):
+    """(config, blocks): the sketch's settings, checked, as the store records them, and its feature layout."""
+    validation.choice("output", output, OUTPUTS)
+    validation.seed(seed)
+    for name, value in (("k_out", k_out), ("k_in", k_in), ("k_vector", k_vector), ("k", k)):
+        if value is not None:
+            validation.positive_int(name, value)
+    _check_class("target", target, model)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    blocks = sketch_layout(params, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector)
+    config = {"model": model_name(model), "parameters": sum(p.numel() for p in params.values()), "output": output,
+              "seed": seed, "k_out": k_out, "k_in": k_in, "k_vector": k_vector, "k": k, "batch_size": batch_size,
+              "target": target, "max_length": max_length}
+    return config, blocks
+
+
 def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "logprob", k_out: int = 8,
                      k_in: int = 8, k_vector: int = 512, k: Optional[int] = None, batch_size: int = 32,
                      max_examples: Optional[int] = None, progress: bool = True, tokenizer=None,
@@ -298,19 +314,10 @@ def sketch_gradients(model, data, *, seed: int = 0, store=None, output: str = "l
     sketches its share of the batches (see decomp.distributed) into its rows of the one `store`, which is then
     required: the store reads as one [N, K] matrix in example order, bit-identical to a single process's, and each
     rank resumes on its own. Every rank returns the finished sketch, read from the store."""
-    validation.choice("output", output, OUTPUTS)
-    validation.seed(seed)
-    for name, value in (("k_out", k_out), ("k_in", k_in), ("k_vector", k_vector), ("k", k)):
-        if value is not None:
-            validation.positive_int(name, value)
     options = batch_options(batch_size=batch_size, max_examples=max_examples, tokenizer=tokenizer,
                             text_column=text_column, label_column=label_column, max_length=max_length)
-    _check_class("target", target, model)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    blocks = sketch_layout(params, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector)
-    config = {"model": model_name(model), "parameters": sum(p.numel() for p in params.values()), "output": output,
-              "seed": seed, "k_out": k_out, "k_in": k_in, "k_vector": k_vector, "k": k, "batch_size": batch_size,
-              "target": target, "max_length": max_length}
+    config, blocks = _settings(model, output=output, seed=seed, k_out=k_out, k_in=k_in, k_vector=k_vector, k=k,
+                               batch_size=batch_size, target=target, max_length=max_length)
     world = shards.world(distributed)
     if world is not None:
         if store is None:
