@@ -23,6 +23,8 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 def task_of(model) -> str:
     """The model's task: classification (logits [N, C]), causal_lm, seq2seq or token_classification."""
     name = type(model).__name__
+    if name in _causal_lm_classes():
+        return "causal_lm"
     if "SequenceClassification" in name or "ImageClassification" in name:   # BART's too, encoder-decoder or not
         return "classification"
     if "TokenClassification" in name:
@@ -33,6 +35,15 @@ def task_of(model) -> str:
         return "causal_lm"
     raise ValueError(f"model must be a sequence-classification, causal-LM, token-classification or seq2seq "
                      f"model from transformers; got {name}, whose per-example output decomp cannot define")
+
+
+def _causal_lm_classes() -> set:
+    """transformers' causal-LM classes (BertGenerationDecoder and the like have no telling name)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return set()
+    return {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
 
 
 def encoder_modules(model) -> set:
@@ -55,8 +66,20 @@ def model_inputs(model, batch: Mapping, device) -> dict:
             inputs["labels"] = batch["labels"].to(device)   # the model shifts them into decoder inputs
     mask = inputs.get("attention_mask")
     if mask is not None and "position_ids" in accepted and "position_ids" not in inputs and not is_prefix(mask):
-        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        start = position_start(model)   # RoBERTa-style tables count from padding_idx + 1
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0) + start
+        if start:
+            inputs["position_ids"].masked_fill_(~mask.bool(), start - 1)
     return inputs
+
+
+def position_start(model) -> int:
+    """The position id of a sequence's first token: padding_idx + 1 for learned position tables that reserve
+    their padding row (RoBERTa and its descendants), else 0."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding):
+            return 0 if module.padding_idx is None else module.padding_idx + 1
+    return 0
 
 
 def is_prefix(mask: Tensor) -> bool:
