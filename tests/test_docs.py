@@ -115,7 +115,8 @@ def test_every_page_loads_in_chromium_without_errors_or_broken_links(site, serve
             for relative in pages:
                 url = urllib.parse.urljoin(served, relative.removesuffix("index.html"))
                 errors.clear()
-                page.goto(url, wait_until="load")
+                # networkidle: no request (the search worker's script) left in flight for the next page to abort
+                page.goto(url, wait_until="networkidle")
                 problems += [f"{relative}: {e}" for e in errors]
                 images = page.eval_on_selector_all(
                     "img", "els => els.map(e => [e.currentSrc || e.src, e.complete && e.naturalWidth > 0])")
