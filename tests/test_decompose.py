@@ -201,3 +201,21 @@ def test_components_of_a_model_trained_on_two_tasks_align_with_the_tasks():
     shuffled = clusters.align(task[torch.randperm(N, generator=g)]).ami
     assert aligned > 0.5 and aligned > shuffled + 0.4, (aligned, shuffled)
     assert decomp.ica(prepared, 4, seed=0).align(task).ami > 0.4
+
+
+def test_components_save_never_replaces_what_decomp_did_not_write(tmp_path):
+    """An existing file is refused; decomp's own components are replaced only with overwrite=True."""
+    features = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))
+    components = decomp.pca(features, 2)
+    foreign = tmp_path / "notes.safetensors"
+    foreign.write_text("my notes")
+    with pytest.raises(FileExistsError, match="holds no decomp components"):
+        components.save(foreign, overwrite=True)
+    assert foreign.read_text() == "my notes"
+    path = components.save(tmp_path / "c.safetensors")
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        decomp.pca(features, 3).save(path)
+    assert decomp.Components.load(path).n_components == 2
+    decomp.pca(features, 3).save(path, overwrite=True)
+    assert decomp.Components.load(path).n_components == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "notes.safetensors"]

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from ..kernels import validation
 
+FORMAT = "decomp.components/1"
+
 
 @dataclass
 class Alignment:
@@ -148,10 +150,19 @@ class Components:
             target=config.get("target") if target is None else target, batch_size=batch_size, progress=progress,
             distributed=distributed, **batch_options)
 
-    def save(self, path) -> Path:
-        """safetensors file with the tensors and the kind/meta as metadata; written atomically."""
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """safetensors file with the tensors and the kind/meta as metadata, written into a hidden sibling and
+        renamed (a failure leaves nothing). An existing `path` is replaced only with overwrite=True and only if it
+        holds decomp components; anything else there is never touched."""
         from safetensors.torch import save_file
         path = Path(path)
+        if path.exists() or path.is_symlink():
+            if not _holds_components(path):
+                raise FileExistsError(f"path {str(path)!r} exists and holds no decomp components: Components.save "
+                                      f"never replaces what decomp did not write; choose another path")
+            if not overwrite:
+                raise FileExistsError(f"path {str(path)!r} already holds components: pass overwrite=True to "
+                                      f"replace them")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in
                    ("loadings", "directions", "mixing", "unmixing", "mean", "explained_variance")}
@@ -159,7 +170,7 @@ class Components:
             tensors["indices"] = self.indices.cpu().contiguous()
         tensors.update({f"meta.{k}": v.detach().cpu().contiguous() for k, v in self.meta.items()
                         if isinstance(v, Tensor)})
-        meta = {"format": "decomp.components/1", "kind": self.kind, "total_variance": self.total_variance,
+        meta = {"format": FORMAT, "kind": self.kind, "total_variance": self.total_variance,
                 "meta": {k: v for k, v in self.meta.items() if not isinstance(v, Tensor)}}
         handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         os.close(handle)
@@ -180,7 +191,7 @@ class Components:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {}).get("decomp", "{}"))
-                if not isinstance(meta, dict) or meta.get("format") != "decomp.components/1":
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                     raise ValueError(f"{path} holds no decomp components (no decomp.components/1 metadata)")
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -197,6 +208,16 @@ class Components:
         return cls(meta["kind"], tensors["loadings"], tensors["directions"], tensors["mixing"], tensors["unmixing"],
                    tensors["mean"], tensors["explained_variance"], meta["total_variance"], tensors.get("indices"),
                    extra)
+
+
+def _holds_components(path: Path) -> bool:
+    """Whether `path` is a file written by Components.save."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get("decomp", "{}")).get("format") == FORMAT
+    except (OSError, SafetensorError, ValueError):
+        return False
 
 
 def component_fishers(directions: list, num_examples: int) -> list:
