@@ -16,11 +16,21 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "report.html" in result.stdout
     results = json.loads((out / "results.json").read_text())
-    methods = [row["method"] for row in results["merging"]["rows"]]
-    for expected in ("each fine-tuned model alone", "average", "task arithmetic", "TIES (top 20%, global trim)",
-                     "DARE-TIES (keep 30%)", "Fisher (exact)", "Fisher (sampled)", "Fisher (empirical)", "RegMean",
-                     "components (top 2 of 8 per model)"):
-        assert expected in methods
+    rows = {row["label"]: row for row in results["merging"]["rows"]}
+    for label, method in (("each fine-tuned model alone", "fine_tuned"), ("average", "average"),
+                          ("task arithmetic", "task_arithmetic"), ("TIES (top 20%, global trim)", "ties"),
+                          ("DARE-TIES (keep 30%)", "dare_ties"), ("Fisher (exact)", "fisher"),
+                          ("Fisher (sampled)", "fisher"), ("Fisher (empirical)", "fisher"), ("RegMean", "regmean"),
+                          ("components (top 2 of 8 per model)", "components")):
+        assert rows[label]["method"] == method   # the id decomp.merge takes, beside the display label
+    # the parameters merged with, the coefficient chosen on validation among them
+    assert rows["TIES (top 20%, global trim)"]["parameters"]["density"] == 0.2
+    assert rows["task arithmetic"]["parameters"]["scale"] in results["sizes"]["sum grid"]
+    assert rows["RegMean"]["chosen"] == f"α={rows['RegMean']['parameters']['alpha']}"
+    assert rows["components (top 2 of 8 per model)"]["parameters"]["select"] == [[0, 1]] * len(TASKS)
+    # every stage's seconds and peak resident memory; the quick demo stays under 2 GB
+    assert set(results["peak_memory_mib"]) == set(results["timings"])
+    assert results["peak_mib"] is None or results["peak_mib"] < 2048, results["peak_memory_mib"]
     for row in results["merging"]["rows"]:
         for task in TASKS:
             assert 0.0 <= row[task.name] <= 1.0
@@ -29,6 +39,7 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
                for key in ("AMI fresh/rotten/plot", "AMI review/plot"))
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5 and "<table>" in page and "Fisher (exact)" in page
+    assert "peak memory (MiB)" in page
     assert (out / "results.md").read_text().startswith("# decomp demo (quick)")
     # the second run reuses the cached fine-tunes, and `decomp report` re-renders the page
     models = sorted(p.name for p in (out / "models").iterdir())

@@ -1,0 +1,169 @@
+"""The demo's merging comparison: every candidate of candidates.CANDIDATES merges the fine-tuned encoders (each task
+keeps its head), its coefficient chosen on the validation splits, and is scored on the test splits.
+
+Memory stays near a few models: the merges read the fine-tunes and the base from safetensors files one tensor at a
+time; the statistics (Fishers, Grams, component Fishers) wait on disk in a temporary folder and are read one tensor
+at a time too; one model evaluates every merge (its head swapped per task); only the best merge so far is kept."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import assets
+from .candidates import CANDIDATES, COMPONENTS
+from .stored import StoredTensors
+from ..gradients.outputs import FISHER_KINDS
+
+HEAD = "classifier."
+MAX_LENGTH = 64
+BATCH = 32
+BASELINES = ("each fine-tuned model alone", "pre-trained encoder + task heads")
+
+
+def encoder_of(state) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith(HEAD)}
+
+
+class Comparison:
+    """models: task name -> the fine-tuned classifier; folders: task name -> its save_pretrained folder (what the
+    merges read); data: task name -> split -> (texts, labels). After the statistics and the baselines, one of the
+    models is the evaluator of every task (its head swapped per task), and the others are let go."""
+
+    def __init__(self, tasks, models: dict, folders: dict, tokenizer, data: dict, sizes: dict, stages):
+        self.tasks, self.names = tasks, [task.name for task in tasks]
+        self.models, self.folders = dict(models), [str(folders[name]) for name in self.names]
+        self.tokenizer, self.data, self.sizes, self.stages = tokenizer, data, sizes, stages
+        self.evaluator = models[self.names[0]]
+        self.heads = {name: copy.deepcopy(model.classifier) for name, model in models.items()}
+        self.correct: dict = {}   # row label -> task -> [N] bool of the test split (for bootstrap intervals)
+        self.rows: list = []
+
+    def run(self) -> dict:
+        with tempfile.TemporaryDirectory(prefix="decomp-demo-") as work:
+            statistics = self.statistics(Path(work))
+            with self.stages("individual models and the pre-trained encoder"):
+                self.rows = self.baselines(statistics["base"])
+            self.models.clear()   # from here on the evaluator serves every task
+            with self.stages("merging with every method (coefficients chosen on validation)"):
+                self.rows += [self.search(candidate, statistics) for candidate in CANDIDATES]
+        individual = self.rows[0]
+        for row in self.rows:
+            row["normalised mean"] = float(np.mean([row[n] / individual[n] for n in self.names]))
+        return {"tasks": [{"name": t.name, "description": t.description, "labels": t.labels,
+                           **{split: len(self.data[t.name][split][0]) for split in ("train", "validation", "test")}}
+                          for t in self.tasks], "rows": self.rows}
+
+    # ---- statistics the merges need, written to disk -------------------------------------------------------------
+
+    def batches(self, name: str) -> list:
+        """The first `fisher` training examples of a task, tokenized, in batches with their labels."""
+        texts, labels = self.data[name]["train"]
+        return [{**self.tokenizer(texts[i:i + BATCH], padding=True, truncation=True, max_length=MAX_LENGTH,
+                                  return_tensors="pt"), "labels": torch.tensor(labels[i:i + BATCH])}
+                for i in range(0, self.sizes["fisher"], BATCH)]
+
+    def statistics(self, work: Path) -> dict:
+        """statistic name -> one per model: Fishers of each kind, Grams, component Fishers; and the base's file."""
+        import decomp
+        from transformers import BertForSequenceClassification
+        base = BertForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=2).state_dict()
+        found = {"base": str(StoredTensors.write(base, work / "base.safetensors").path), "grams": [], "component fishers": [], **{f"fisher {k}": [] for k in FISHER_KINDS}}
+        with self.stages("Fisher files (exact, sampled, empirical) and Gram matrices"):
+            for name in self.names:
+                model, batches = self.models[name], self.batches(name)
+                for kind in FISHER_KINDS:
+                    path = decomp.compute_fisher(model, batches, kind=kind, progress=False).save(
+                        work / f"{name}-fisher-{kind}.safetensors")
+                    found[f"fisher {kind}"].append(StoredTensors(path))
+                with torch.no_grad():   # Grams need the layers' inputs only, no graph
+                    grams = decomp.collect_grams(model, batches, progress=False)
+                found["grams"].append(StoredTensors.write(grams, work / f"{name}-grams.safetensors"))
+                del grams
+        with self.stages("component Fishers (PCA of each model's sketched gradients, second pass)"):
+            for name in self.names:
+                found["component fishers"].append(self.component_fishers(name, work))
+        return found
+
+    def component_fishers(self, name: str, work: Path) -> list:
+        """The component Fishers of the first COMPONENTS principal components of a model's sketched gradients,
+        one file each, each direction dropped as soon as its Fisher is written."""
+        import decomp
+        model, batches = self.models[name], self.batches(name)
+        sketch = decomp.sketch_gradients(model, batches, output="logprob", progress=False)
+        components = decomp.pca(sketch, COMPONENTS, center=False)
+        directions = components.parameter_directions(model, batches, unit=True, progress=False)
+        stored = []
+        for c in range(len(directions)):
+            (fisher,) = decomp.component_fishers([directions[c]], len(sketch))
+            directions[c] = None
+            stored.append(StoredTensors.write(fisher, work / f"{name}-component-{c}.safetensors"))
+            del fisher
+        return stored
+
+    # ---- scoring -------------------------------------------------------------------------------------------------
+
+    def score(self, encoder: dict, split: str, label: str = "") -> dict:
+        """Accuracy per task of `encoder` with each task's own head (test predictions kept under `label`)."""
+        from .finetune import correct
+        missing, unexpected = self.evaluator.load_state_dict(encoder, strict=False)
+        if unexpected or any(not key.startswith(HEAD) for key in missing):
+            raise ValueError(f"a merged encoder does not fit the evaluator: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}")
+        result = {}
+        for name in self.names:
+            self.evaluator.classifier = self.heads[name]
+            right = correct(self.evaluator, self.tokenizer, *self.data[name][split], max_length=MAX_LENGTH)
+            if split == "test":
+                self.correct.setdefault(label, {})[name] = right
+            result[name] = float(right.float().mean())
+        return result
+
+    def baselines(self, base: str) -> list:
+        """Each fine-tuned model on its own task (before any evaluator is overwritten), then the pre-trained
+        encoder with the task heads."""
+        from .finetune import correct
+        alone, pre_trained = BASELINES
+        self.correct[alone] = {name: correct(self.models[name], self.tokenizer, *self.data[name]["test"],
+                                             max_length=MAX_LENGTH) for name in self.names}
+        each = {name: float(right.float().mean()) for name, right in self.correct[alone].items()}
+        return [{"label": alone, "method": "fine_tuned", "parameters": {}, "chosen": "", "baseline": True, **each},
+                {"label": pre_trained, "method": "pre_trained", "parameters": {}, "chosen": "", "baseline": True,
+                 **self.score(encoder_of(StoredTensors(base)), "test", pre_trained)}]
+
+    def search(self, candidate, statistics: dict) -> dict:
+        """The candidate's options merged and scored on validation; the best one scored on test."""
+        import decomp
+        options = candidate.options(self.sizes, len(self.names))
+        inputs = {keyword: statistics[name] for keyword, name in candidate.inputs.items()}
+        best = None
+        for parameters in options:
+            state = decomp.merge(self.folders, method=candidate.method, heads="per_task", **inputs, **parameters)
+            validation = float(np.mean(list(self.score(encoder_of(state), "validation").values())))
+            if best is None or validation > best[0]:
+                best = (validation, parameters, state)
+            del state
+        validation, parameters, state = best
+        return {"label": candidate.label, "method": candidate.method, "parameters": parameters,
+                "chosen": candidate.describe(parameters, options), "baseline": False, "validation mean": validation,
+                **self.score(encoder_of(state), "test", candidate.label)}
+
+    def plot(self, path: Path) -> Path:
+        """Bars of each row's normalised mean accuracy."""
+        from ..analysis.plots import _pyplot, _save
+        plt = _pyplot()
+        figure, axis = plt.subplots(figsize=(8, 0.45 * len(self.rows) + 1))
+        labels = [r["label"] + (f" ({r['chosen']})" if r["chosen"] else "") for r in self.rows]
+        values = [r["normalised mean"] for r in self.rows]
+        axis.barh(range(len(self.rows)), values, color="#4c72b0")
+        axis.set_yticks(range(len(self.rows)), labels)
+        axis.invert_yaxis()
+        axis.axvline(1.0, color="#dd8452", linestyle="--")
+        axis.set_xlabel(f"test accuracy / the fine-tuned model's, mean over the {len(self.names)} tasks")
+        axis.set_xlim(min(0.5, min(values) - 0.05), max(1.05, max(values) + 0.02))
+        figure.tight_layout()
+        return _save(figure, path)
