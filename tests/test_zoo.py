@@ -319,6 +319,8 @@ def check_family(model_type: str, task: str) -> dict:
     """Builds the family and checks every pass; returns a row of the zoo table (raises Unbuildable)."""
     start = time.perf_counter()
     model = build(model_type, task)
+    if task == "image_classification" and not all(hasattr(model.config, k) for k in ("image_size", "num_channels")):
+        raise Unbuildable("the config has no image_size / num_channels: not a pixel_values model of one image size")
     decomp_task = hf.task_of(model)
     left = task == "causal_lm" and "position_ids" in __import__("inspect").signature(model.forward).parameters
     batch = padded_batch(model, task, left=left)
