@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .engine import ModelPass, PassJob, batch_options
-from .hf import model_inputs
+from .hf import encoder_modules, model_inputs
 from .rules import is_conv1d
 
 
@@ -22,11 +22,13 @@ class GramJob(PassJob):
         self.model = model
         self.device = next(model.parameters()).device
         self.modules = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)}
+        self.encoder = encoder_modules(model)
         # allocated up front (not when a layer first runs) so that every rank all-reduces the same tensors
         self.grams = {name: torch.zeros(self._width(m), self._width(m), dtype=torch.float64, device=self.device)
                       for name, m in self.modules.items()}
         self.uses = torch.zeros(len(self.modules), dtype=torch.float64, device=self.device)
-        self.mask: Optional[Tensor] = None
+        self.masks: dict = {}
+        self.examples = 0
 
     @staticmethod
     def _width(module) -> int:
@@ -35,7 +37,7 @@ class GramJob(PassJob):
     @contextlib.contextmanager
     def attached(self):
         was_training = self.model.training
-        handles = [m.register_forward_hook(self._hook(i, name)) for i, (name, m) in enumerate(self.modules.items())]
+        handles = [m.register_forward_hook(self._hook(i, name, m)) for i, (name, m) in enumerate(self.modules.items())]
         self.model.eval()
         try:
             with torch.no_grad():
@@ -45,24 +47,58 @@ class GramJob(PassJob):
                 handle.remove()
             self.model.train(was_training)
 
-    def _hook(self, position: int, name: str):
+    def _hook(self, position: int, name: str, module):
+        # a decoder's cross-attention projections read the encoder's sequence: its own side's mask first, then
+        # whichever mask has the input's shape
+        sides = ("encoder", "decoder") if id(module) in self.encoder else ("decoder", "encoder")
+
         def hook(module, args, output):
             x = args[0].double()
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
-            if self.mask is not None and x.shape[:2] == self.mask.shape:   # padding tokens carry no statistics
-                x = x * self.mask[..., None]
-            flat = x.reshape(-1, x.shape[-1])
-            self.grams[name] += flat.T @ flat
+            masks = [self.masks[side] for side in sides if self.masks.get(side) is not None]
+            rows = _per_example(x, self.examples, masks[0] if masks else None)
+            if rows is None:   # an input without the batch dimension: every example's forward uses it once
+                flat = x.reshape(-1, x.shape[-1])
+                self.grams[name] += self.examples * (flat.T @ flat)
+            else:
+                mask = next((m for m in masks if rows.shape[:2] == m.shape), None)
+                if mask is not None:   # padding carries no statistics
+                    rows = rows * mask[..., None]
+                flat = rows.reshape(-1, rows.shape[-1])
+                self.grams[name] += flat.T @ flat
             self.uses[position] += 1
         return hook
 
     def step(self, indices: Tensor, batch: dict) -> None:
-        inputs = model_inputs(self.model, batch, self.device)
-        self.mask = inputs["attention_mask"].double() if "attention_mask" in inputs else None
-        self.model(**inputs)
+        self.examples = len(indices)
+        self.masks = real_tokens(self.model, batch, self.device)
+        self.model(**model_inputs(self.model, batch, self.device))
 
     def totals(self):
         return [*self.grams.values(), self.uses]
+
+
+def _per_example(x: Tensor, N: int, mask: Optional[Tensor]) -> Optional[Tensor]:
+    """x as [N, T, d]: its own batch dimension, or tokens flattened into [N T, d] rows (OPT's feed-forward layers,
+    mixture-of-experts inputs); None when x has no batch dimension."""
+    if x.dim() >= 2 and x.shape[0] == N:
+        return x.reshape(N, -1, x.shape[-1])
+    if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
+        return x.reshape(*mask.shape, x.shape[-1])
+    return None
+
+
+def real_tokens(model, batch: dict, device) -> dict:
+    """Masks [N, T] (float64) of the real tokens on each side: the encoder's attention_mask, and the decoder's
+    decoder_attention_mask or, for a seq2seq model, the positions with a label (labels of -100 mark padding)."""
+    masks = {}
+    if isinstance(batch.get("attention_mask"), Tensor):
+        masks["encoder"] = batch["attention_mask"].to(device, torch.float64)
+    if isinstance(batch.get("decoder_attention_mask"), Tensor):
+        masks["decoder"] = batch["decoder_attention_mask"].to(device, torch.float64)
+    elif getattr(model.config, "is_encoder_decoder", False) and isinstance(batch.get("labels"), Tensor) \
+            and batch["labels"].dim() == 2:
+        masks["decoder"] = (batch["labels"] != -100).to(device, torch.float64)
+    return masks
 
 
 def collect_grams(model, data, *, batch_size: int = 32, max_examples: Optional[int] = None, progress: bool = True,
