@@ -39,7 +39,7 @@ def command_fisher(args):
                                    text_column=args.text_column, label_column=args.label_column,
                                    max_length=args.max_length, seed=args.seed)
     if _rank() == 0:    # every rank holds the same all-reduced Fisher; one writes it
-        path = fisher.save(args.output)
+        path = fisher.save(args.output, overwrite=args.overwrite)
         print(f"{fisher} -> {path}")
 
 
