@@ -56,8 +56,9 @@ DEFAULT = [
     ("vit", "image_classification"),
 ]
 # collect_grams (gradients/grams.py) differs from the Grams of the unpadded examples for these: DeBERTa's relative
-# position projections read a table without a batch dimension whose span depends on the padded length, so one padded
-# forward cannot give each example's own (it needs a forward per example)
+# position projections read a table without a batch dimension (whose span, for DeBERTa v1, depends on the padded
+# length), which one padded forward counts once per batch, not once per example; counting such rows per example
+# would be wrong for the rows of experts' routed tokens, which have no batch dimension either
 GRAMS_KNOWN = {"deberta", "deberta-v2"}
 VOCAB = 64
 LENGTHS = [5, 3, 7]

@@ -55,16 +55,16 @@ class GramJob(PassJob):
         def hook(module, args, output):
             x = args[0].double()
             masks = [self.masks[side] for side in sides if self.masks.get(side) is not None]
+            # rows that are neither per example nor per token (experts' routed tokens, time-major layouts, tables
+            # without a batch dimension) are counted as they come
             rows = _per_example(x, self.examples, masks[0] if masks else None)
-            if rows is None:   # an input without the batch dimension: every example's forward uses it once
-                flat = x.reshape(-1, x.shape[-1])
-                self.grams[name] += self.examples * (flat.T @ flat)
-            else:
+            if rows is not None:
                 mask = next((m for m in masks if rows.shape[:2] == m.shape), None)
                 if mask is not None:   # padding carries no statistics
                     rows = rows * mask[..., None]
-                flat = rows.reshape(-1, rows.shape[-1])
-                self.grams[name] += flat.T @ flat
+                x = rows
+            flat = x.reshape(-1, x.shape[-1])
+            self.grams[name] += flat.T @ flat
             self.uses[position] += 1
         return hook
 
@@ -79,7 +79,7 @@ class GramJob(PassJob):
 
 def _per_example(x: Tensor, N: int, mask: Optional[Tensor]) -> Optional[Tensor]:
     """x as [N, T, d]: its own batch dimension, or tokens flattened into [N T, d] rows (OPT's feed-forward layers,
-    mixture-of-experts inputs); None when x has no batch dimension."""
+    shared experts); None when its rows are neither."""
     if x.dim() >= 2 and x.shape[0] == N:
         return x.reshape(N, -1, x.shape[-1])
     if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel():
