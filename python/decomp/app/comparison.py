@@ -7,7 +7,6 @@ at a time too; one model evaluates every merge (its head swapped per task); only
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 
@@ -30,25 +29,28 @@ def encoder_of(state) -> dict:
 
 
 class Comparison:
-    """models: task name -> the fine-tuned classifier; folders: task name -> its save_pretrained folder (what the
-    merges read); data: task name -> split -> (texts, labels). After the statistics and the baselines, one of the
-    models is the evaluator of every task (its head swapped per task), and the others are let go."""
+    """folders: task name -> the fine-tuned classifier's save_pretrained folder; data: task name -> split ->
+    (texts, labels). Each fine-tune is loaded while its statistics and its own score are taken, and let go; one
+    of them then evaluates every merge, its head swapped per task."""
 
-    def __init__(self, tasks, models: dict, folders: dict, tokenizer, data: dict, sizes: dict, stages):
+    def __init__(self, tasks, folders: dict, tokenizer, data: dict, sizes: dict, stages):
         self.tasks, self.names = tasks, [task.name for task in tasks]
-        self.models, self.folders = dict(models), [str(folders[name]) for name in self.names]
+        self.folders = {name: str(folders[name]) for name in self.names}
         self.tokenizer, self.data, self.sizes, self.stages = tokenizer, data, sizes, stages
-        self.evaluator = models[self.names[0]]
-        self.heads = {name: copy.deepcopy(model.classifier) for name, model in models.items()}
+        self.heads: dict = {}     # task name -> its classifier head (a module)
+        self.evaluator = None
         self.correct: dict = {}   # row label -> task -> [N] bool of the test split (for bootstrap intervals)
         self.rows: list = []
+
+    def load(self, name: str):
+        from transformers import BertForSequenceClassification
+        return BertForSequenceClassification.from_pretrained(self.folders[name]).eval()
 
     def run(self) -> dict:
         with tempfile.TemporaryDirectory(prefix="decomp-demo-") as work:
             statistics = self.statistics(Path(work))
             with self.stages("individual models and the pre-trained encoder"):
                 self.rows = self.baselines(statistics["base"])
-            self.models.clear()   # from here on the evaluator serves every task
             with self.stages("merging with every method (coefficients chosen on validation)"):
                 self.rows += [self.search(candidate, statistics) for candidate in CANDIDATES]
         individual = self.rows[0]
@@ -72,10 +74,12 @@ class Comparison:
         import decomp
         from transformers import BertForSequenceClassification
         base = BertForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=2).state_dict()
-        found = {"base": str(StoredTensors.write(base, work / "base.safetensors").path), "grams": [], "component fishers": [], **{f"fisher {k}": [] for k in FISHER_KINDS}}
+        found = {"base": str(StoredTensors.write(base, work / "base.safetensors").path), "grams": [],
+                 "component fishers": [], **{f"fisher {kind}": [] for kind in FISHER_KINDS}}
+        del base
         with self.stages("Fisher files (exact, sampled, empirical) and Gram matrices"):
             for name in self.names:
-                model, batches = self.models[name], self.batches(name)
+                model, batches = self.load(name), self.batches(name)
                 for kind in FISHER_KINDS:
                     path = decomp.compute_fisher(model, batches, kind=kind, progress=False).save(
                         work / f"{name}-fisher-{kind}.safetensors")
@@ -93,7 +97,7 @@ class Comparison:
         """The component Fishers of the first COMPONENTS principal components of a model's sketched gradients,
         one file each, each direction dropped as soon as its Fisher is written."""
         import decomp
-        model, batches = self.models[name], self.batches(name)
+        model, batches = self.load(name), self.batches(name)
         sketch = decomp.sketch_gradients(model, batches, output="logprob", progress=False)
         components = decomp.pca(sketch, COMPONENTS, center=False)
         directions = components.parameter_directions(model, batches, unit=True, progress=False)
@@ -124,12 +128,16 @@ class Comparison:
         return result
 
     def baselines(self, base: str) -> list:
-        """Each fine-tuned model on its own task (before any evaluator is overwritten), then the pre-trained
-        encoder with the task heads."""
+        """Each fine-tuned model on its own task (its head kept), then the pre-trained encoder with the heads."""
         from .finetune import correct
         alone, pre_trained = BASELINES
-        self.correct[alone] = {name: correct(self.models[name], self.tokenizer, *self.data[name]["test"],
-                                             max_length=MAX_LENGTH) for name in self.names}
+        for name in self.names:
+            model = self.load(name)
+            self.heads[name] = model.classifier
+            self.correct.setdefault(alone, {})[name] = correct(model, self.tokenizer, *self.data[name]["test"],
+                                                               max_length=MAX_LENGTH)
+            del model
+        self.evaluator = self.load(self.names[0])
         each = {name: float(right.float().mean()) for name, right in self.correct[alone].items()}
         return [{"label": alone, "method": "fine_tuned", "parameters": {}, "chosen": "", "baseline": True, **each},
                 {"label": pre_trained, "method": "pre_trained", "parameters": {}, "chosen": "", "baseline": True,
@@ -140,17 +148,22 @@ class Comparison:
         import decomp
         options = candidate.options(self.sizes, len(self.names))
         inputs = {keyword: statistics[name] for keyword, name in candidate.inputs.items()}
+        models = [self.folders[name] for name in self.names]
         best = None
         for parameters in options:
-            state = decomp.merge(self.folders, method=candidate.method, heads="per_task", **inputs, **parameters)
+            state = decomp.merge(models, method=candidate.method, heads="per_task", **inputs, **parameters)
             validation = float(np.mean(list(self.score(encoder_of(state), "validation").values())))
             if best is None or validation > best[0]:
                 best = (validation, parameters, state)
             del state
         validation, parameters, state = best
-        return {"label": candidate.label, "method": candidate.method, "parameters": parameters,
-                "chosen": candidate.describe(parameters, options), "baseline": False, "validation mean": validation,
-                **self.score(encoder_of(state), "test", candidate.label)}
+        row = {"label": candidate.label, "method": candidate.method, "parameters": parameters,
+               "chosen": candidate.describe(parameters, options), "baseline": False, "validation mean": validation,
+               **self.score(encoder_of(state), "test", candidate.label), "peak_memory_mib": self.stages.lap()}
+        self.stages.log(f"{self.stages.prefix}  {' '.join(filter(None, (candidate.label, row['chosen'])))}: "
+                        f"validation mean {validation:.3f}"
+                        + ("" if row["peak_memory_mib"] is None else f", peak {row['peak_memory_mib']:.0f} MiB"))
+        return row
 
     def plot(self, path: Path) -> Path:
         """Bars of each row's normalised mean accuracy."""

@@ -87,10 +87,9 @@ class Demo:
             tuned = {task.name: self.fine_tuned(task, data[task.name]) for task in self.tasks}
         tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
         decomposition = self.decompose(tuned["rotten_tomatoes"][0], tokenizer) if self.with_decomposition else None
-        comparison = Comparison(self.tasks, {name: model for name, (model, _) in tuned.items()},
-                                {name: folder for name, (_, folder) in tuned.items()}, tokenizer, data, self.sizes,
-                                self.stages)
-        del tuned   # the comparison holds the models from here on, and lets them go when it is done with them
+        folders = {name: folder for name, (_, folder) in tuned.items()}
+        del tuned   # the comparison reads each fine-tune from its folder when it needs it
+        comparison = Comparison(self.tasks, folders, tokenizer, data, self.sizes, self.stages)
         merging = comparison.run()
         self.correct = comparison.correct
         self.figures["merging"] = comparison.plot(self.out / "figures" / "merging.png")

@@ -79,13 +79,26 @@ def trim() -> None:
         library.malloc_trim(0)
 
 
+def _larger(a, b):
+    return b if a is None else a if b is None else max(a, b)
+
+
 class Stages:
-    """Seconds and peak resident memory (MiB) of each named stage of a run: `with stages("name"): ...`."""
+    """Seconds and peak resident memory (MiB) of each named stage of a run: `with stages("name"): ...`; within a
+    stage, lap() gives the peak of a part of it (the stage's peak still covers every part)."""
 
     def __init__(self, log=print, prefix: str = ""):
         self.log, self.prefix = log, prefix
         self.seconds: dict = {}
         self.peaks: dict = {}
+        self._stage_peak = None   # the stage's peak over its laps so far
+
+    def lap(self):
+        """The peak resident memory since the stage began or the last lap, and a fresh start for the next."""
+        peak = peak_mib()
+        self._stage_peak = _larger(self._stage_peak, peak)
+        reset_peak()
+        return peak
 
     @contextmanager
     def __call__(self, name: str):
@@ -93,12 +106,13 @@ class Stages:
         gc.collect()     # what the last stage dropped (in reference cycles, or freed to the heaps) is not this stage's
         trim()
         reset_peak()
+        self._stage_peak = None
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = time.perf_counter() - start
-            self.peaks[name] = peak_mib()
+            self.peaks[name] = _larger(self._stage_peak, peak_mib())
             peak = "" if self.peaks[name] is None else f", peak {self.peaks[name]:.0f} MiB resident"
             self.log(f"{self.prefix}{name}: {self.seconds[name]:.0f} s{peak}")
 
