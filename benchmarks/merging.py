@@ -58,21 +58,22 @@ def main():
     correct = {method: {n: demo.correct[method][n].numpy().astype(float) for n in names} for method in demo.correct}
     individual = correct["each fine-tuned model alone"]
     rows = results["merging"]["rows"]
-    spans = {row["method"]: intervals(correct[row["method"]], individual, names) for row in rows}
-    best = max((r for r in rows if r["method"] != "each fine-tuned model alone"), key=lambda r: r["normalised mean"])
+    # rows are keyed by their label (several rows share a method id: the three Fishers, the two component merges)
+    spans = {row["label"]: intervals(correct[row["label"]], individual, names) for row in rows}
+    best = max((r for r in rows if r["method"] != "fine_tuned"), key=lambda r: r["normalised mean"])
     for row in rows:
-        span = spans[row["method"]]
+        span = spans[row["label"]]
         for name in names:
             row[name] = f"{row[name]:.3f} [{span[name][0]:.3f}, {span[name][1]:.3f}]"
         low, high = span["normalised mean"]
-        difference = span["normalised samples"] - spans[best["method"]]["normalised samples"]
+        difference = span["normalised samples"] - spans[best["label"]]["normalised samples"]
         tie = np.percentile(difference, 2.5) <= 0 <= np.percentile(difference, 97.5)
         row["normalised mean"] = f"{row['normalised mean']:.3f} [{low:.3f}, {high:.3f}]"
         row["vs best merge"] = "best" if row is best else ("tie" if tie else "worse" if np.mean(difference) < 0
                                                               else "better")
     info = h.machine()
     tasks = results["merging"]["tasks"]
-    columns = ["method", "chosen", *names, "normalised mean", "vs best merge"]
+    columns = ["label", "method", "chosen", *names, "normalised mean", "vs best merge"]
     text = (f"# Merging benchmark\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}; wall time "
             f"{wall / 60:.0f} min ("
             + ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in results["timings"].items())
