@@ -6,7 +6,9 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
+import decomp
 from decomp.gradients.outputs import _sample, uniforms
+from decomp.kernels.hashing import STREAM_KRON_IN, STREAM_KRON_OUT
 
 VOCAB = 61
 
@@ -112,3 +114,23 @@ def float64_copy(model):
     copy = type(model)(model.config).double().eval()
     copy.load_state_dict(model.state_dict())
     return copy
+
+
+def reference_sketch(per_example: list, blocks: list) -> torch.Tensor:
+    """The sketch layout `blocks` applied to materialised per-example gradients (float64, the oracle's projections)."""
+    rows = []
+    for grads in per_example:
+        parts = []
+        for block in blocks:
+            if block["kind"] == "kron":
+                rows_, cols = block["shape"]
+                S_out = decomp.reference.projection_matrix(block["k_out"], rows_, seed=block["seed"], stream=STREAM_KRON_OUT,
+                                                    dtype=torch.float64)
+                S_in = decomp.reference.projection_matrix(block["k_in"], cols, seed=block["seed"], stream=STREAM_KRON_IN,
+                                                   dtype=torch.float64)
+                parts.append((S_out @ grads[block["name"]] @ S_in.T).reshape(-1))
+            else:
+                flat = torch.cat([grads[m["name"]].reshape(-1) for m in block["members"]])
+                parts.append(decomp.reference.sketch_dense(flat[None], k=block["size"], seed=block["seed"])[0])
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)

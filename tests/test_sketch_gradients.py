@@ -10,9 +10,8 @@ import torch
 
 import decomp
 from decomp import reference
-from decomp.kernels.hashing import STREAM_KRON_IN, STREAM_KRON_OUT
 from decomp.gradients.sketch import derived_seed
-from models import float64_copy, padded_batch, per_example_grads, tiny
+from models import float64_copy, padded_batch, per_example_grads, reference_sketch, tiny
 
 LENGTHS = [5, 3, 7, 1]
 SMALL = dict(k_out=4, k_in=4, k_vector=64)   # tiny models: sides of 16+ get Kronecker blocks
@@ -23,23 +22,9 @@ RELATIVE = 1e-5
 def reference_rows(model, batch, sketch, output_kind="empirical"):
     """[N, K] float64: the decomp layout applied to per-example gradients from plain autograd."""
     model64 = float64_copy(model)
-    rows = []
-    for n in range(batch["input_ids"].shape[0]):
-        (_, grads), = per_example_grads(model64, batch, n, kind=output_kind)
-        parts = []
-        for block in sketch.blocks:
-            if block["kind"] == "kron":
-                rows_, cols = block["shape"]
-                S_out = reference.projection_matrix(block["k_out"], rows_, seed=block["seed"], stream=STREAM_KRON_OUT,
-                                                    dtype=torch.float64)
-                S_in = reference.projection_matrix(block["k_in"], cols, seed=block["seed"], stream=STREAM_KRON_IN,
-                                                   dtype=torch.float64)
-                parts.append((S_out @ grads[block["name"]] @ S_in.T).reshape(-1))
-            else:
-                flat = torch.cat([grads[m["name"]].reshape(-1) for m in block["members"]])
-                parts.append(reference.sketch_dense(flat[None], k=block["size"], seed=block["seed"])[0])
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
+    per_example = [per_example_grads(model64, batch, n, kind=output_kind)[0][1]
+                   for n in range(batch["input_ids"].shape[0])]
+    return reference_sketch(per_example, sketch.blocks)
 
 
 def assert_rows_close(features, expected, blocks):

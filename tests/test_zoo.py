@@ -24,11 +24,10 @@ import pytest
 import torch
 
 import decomp
-from decomp import reference
 from decomp.gradients import hf
 from decomp.gradients.directions import weighted_gradient_sums
 from decomp.gradients.outputs import fisher_terms
-from decomp.kernels.hashing import STREAM_KRON_IN, STREAM_KRON_OUT
+from models import reference_sketch
 
 transformers = pytest.importorskip("transformers")
 from transformers import CONFIG_MAPPING  # noqa: E402
@@ -276,25 +275,6 @@ def reference_grams(model, batch: dict) -> dict:
     for handle in handles:
         handle.remove()
     return grams
-
-
-def reference_sketch(per_example: list, blocks: list) -> torch.Tensor:
-    rows = []
-    for grads in per_example:
-        parts = []
-        for block in blocks:
-            if block["kind"] == "kron":
-                rows_, cols = block["shape"]
-                S_out = reference.projection_matrix(block["k_out"], rows_, seed=block["seed"], stream=STREAM_KRON_OUT,
-                                                    dtype=torch.float64)
-                S_in = reference.projection_matrix(block["k_in"], cols, seed=block["seed"], stream=STREAM_KRON_IN,
-                                                   dtype=torch.float64)
-                parts.append((S_out @ grads[block["name"]] @ S_in.T).reshape(-1))
-            else:
-                flat = torch.cat([grads[m["name"]].reshape(-1) for m in block["members"]])
-                parts.append(reference.sketch_dense(flat[None], k=block["size"], seed=block["seed"])[0])
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
 
 
 # ---- comparing -----------------------------------------------------------------------------------------------
