@@ -209,7 +209,7 @@ def test_components_save_never_replaces_what_decomp_did_not_write(tmp_path):
     components = decomp.pca(features, 2)
     foreign = tmp_path / "notes.safetensors"
     foreign.write_text("my notes")
-    with pytest.raises(FileExistsError, match="holds no decomp components"):
+    with pytest.raises(FileExistsError, match="not a decomp components file"):
         components.save(foreign, overwrite=True)
     assert foreign.read_text() == "my notes"
     path = components.save(tmp_path / "c.safetensors")

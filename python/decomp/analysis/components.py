@@ -4,8 +4,6 @@ directions in parameter space (an exact second pass) and the Fishers they explai
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..gradients.writing import check_target, write_file
 from ..kernels import validation
 
 FORMAT = "decomp.components/1"
@@ -152,17 +151,12 @@ class Components:
 
     def save(self, path, *, overwrite: bool = False) -> Path:
         """safetensors file with the tensors and the kind/meta as metadata, written into a hidden sibling and
-        renamed (a failure leaves nothing). An existing `path` is replaced only with overwrite=True and only if it
-        holds decomp components; anything else there is never touched."""
+        renamed (a failed or killed save leaves `path` as it was; gradients/writing.py). An existing `path` is
+        replaced only with overwrite=True and only if it holds decomp components; anything else there (a link
+        included) is never touched."""
         from safetensors.torch import save_file
-        path = Path(path)
-        if path.exists() or path.is_symlink():
-            if not _holds_components(path):
-                raise FileExistsError(f"path {str(path)!r} exists and holds no decomp components: Components.save "
-                                      f"never replaces what decomp did not write; choose another path")
-            if not overwrite:
-                raise FileExistsError(f"path {str(path)!r} already holds components: pass overwrite=True to "
-                                      f"replace them")
+        path = check_target(path, overwrite=overwrite, ours=_holds_components, what="a decomp components file",
+                            writer="Components.save")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in
                    ("loadings", "directions", "mixing", "unmixing", "mean", "explained_variance")}
@@ -172,15 +166,8 @@ class Components:
                         if isinstance(v, Tensor)})
         meta = {"format": FORMAT, "kind": self.kind, "total_variance": self.total_variance,
                 "meta": {k: v for k, v in self.meta.items() if not isinstance(v, Tensor)}}
-        handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, partial, metadata={"decomp": json.dumps(meta)})
-            os.replace(partial, path)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
-        return path
+        return write_file(path, lambda partial: save_file(tensors, partial, metadata={"decomp": json.dumps(meta)}),
+                          what="the components", kill="components", wrap=Exception)
 
     @classmethod
     def load(cls, path) -> "Components":

@@ -8,8 +8,6 @@ kernels (decomp.ops.fisher_linear, fisher_embedding), which never form per-examp
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,7 +20,7 @@ from ..kernels.ops import masked_rows
 from .engine import GradientJob, ModelPass, batch_options
 from .outputs import FISHER_KINDS, fisher_terms
 from .rules import Contribution
-from .store import kill_point
+from .writing import check_target, write_file
 
 FORMAT = "decomp.fisher/1"
 
@@ -60,36 +58,17 @@ class Fisher(Mapping):
 
     def save(self, path, *, overwrite: bool = False) -> Path:
         """Writes a safetensors file (metadata: kind, num_examples, model, coverage) atomically: into a hidden
-        temporary sibling, then renamed, so a failed save leaves nothing behind. An existing `path` is replaced
-        only with overwrite=True and only if it holds a decomp Fisher; anything else there is never touched."""
+        temporary sibling, then renamed, so a failed or killed save leaves `path` as it was (gradients/writing.py).
+        An existing `path` is replaced only with overwrite=True and only if it holds a decomp Fisher; anything else
+        there (a link included) is never touched."""
         from safetensors.torch import save_file
-        path = Path(path)
-        if path.exists() or path.is_symlink():
-            if not _is_fisher_file(path):
-                raise FileExistsError(f"path {str(path)!r} exists and is not a decomp Fisher file: Fisher.save never "
-                                      f"replaces what decomp did not write; choose another path")
-            if not overwrite:
-                raise FileExistsError(f"path {str(path)!r} already holds a Fisher: pass overwrite=True to replace it")
+        path = check_target(path, overwrite=overwrite, ours=_is_fisher_file, what="a decomp Fisher file",
+                            writer="Fisher.save")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self._tensors.items()}
-        handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, partial, metadata={"format": "pt", "decomp": json.dumps(self.metadata())})
-            with open(partial, "rb") as written:
-                os.fsync(written.fileno())
-            kill_point("fisher")
-            os.replace(partial, path)
-        except Exception as error:
-            Path(partial).unlink(missing_ok=True)
-            message = (f"could not write the Fisher to {path}: {error}; nothing was written there (a file it would "
-                       f"replace is intact)")
-            code = getattr(error, "errno", None)
-            raise (OSError(code, message) if code is not None else OSError(message)) from error
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
-        return path
+        metadata = {"format": "pt", "decomp": json.dumps(self.metadata())}
+        return write_file(path, lambda partial: save_file(tensors, partial, metadata=metadata), what="the Fisher",
+                          kill="fisher", wrap=Exception)
 
     @classmethod
     def load(cls, path, device=None) -> "Fisher":

@@ -12,9 +12,6 @@ E[<z_n, z_m>] = <g_n, g_m>, built block by block, each block a pure function of 
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +27,7 @@ from .outputs import OUTPUTS, terms as output_terms
 from .rules import Contribution, materialize
 from .store import (RowStore, committed_rows, data_digest, read_columns, read_meta, verify_rows,
                     weights_fingerprint)
+from .writing import check_target, write_folder
 
 KRON_MIN_RATIO = 4  # a side shorter than 4 x its sketch side goes to the dense vector block instead
 
@@ -204,24 +202,20 @@ class GradientSketch:
 
     def save(self, path, *, overwrite: bool = False) -> Path:
         """Writes the sketch as a store directory, atomically: into a hidden temporary sibling, then renamed, so a
-        failed save leaves nothing behind. An existing `path` is replaced only with overwrite=True and only if it
-        is a decomp sketch store; anything else there is never touched."""
+        failed or killed save leaves `path` as it was (gradients/writing.py). An existing `path` is replaced only
+        with overwrite=True and only if it is a decomp sketch store; anything else there (a link included) is never
+        touched."""
         path = Path(path)
         if self.path is not None and path.exists() and path.resolve() == Path(self.path).resolve():
             return path
         _check_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-        try:
-            partial.rmdir()   # the store creates it, so that a foreign file there is never adopted
+
+        def fill(partial: Path) -> None:
             store = RowStore(partial, self.config, self.features.shape[1], self.blocks)
             store.write(0, self.features, self.indices, self.labels, self.predictions)
             store.finish(len(self), {"coverage": self.coverage})
-            _install(partial, path)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        return path
+        return write_folder(path, fill, recheck=lambda target: _check_target(target, overwrite))
 
     @classmethod
     def load(cls, path) -> "GradientSketch":
@@ -247,34 +241,16 @@ def _check_class(name: str, value, model) -> None:
         raise ValueError(f"{name} must be a class index in [0, num_labels={classes}); got {value!r}")
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if not path.exists() and not path.is_symlink():
-        return
+def _is_store(path: Path) -> bool:
     try:
-        ours = path.is_dir() and not path.is_symlink() and read_meta(path) is not None
+        return path.is_dir() and read_meta(path) is not None
     except ValueError:
-        ours = False
-    if not ours:
-        raise FileExistsError(f"path {str(path)!r} exists and is not a decomp sketch store: GradientSketch.save "
-                              f"never replaces what decomp did not write; choose another path")
-    if not overwrite:
-        raise FileExistsError(f"path {str(path)!r} already holds a sketch store: pass overwrite=True to replace it")
+        return False
 
 
-def _install(partial: Path, path: Path) -> None:
-    """Moves the finished store into place; an old store there is moved aside first and deleted last."""
-    if not path.exists():
-        os.rename(partial, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    os.rename(path, old / "store")
-    try:
-        os.rename(partial, path)
-    except BaseException:
-        os.rename(old / "store", path)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _check_target(path: Path, overwrite: bool) -> Path:
+    return check_target(path, overwrite=overwrite, ours=_is_store, what="a decomp sketch store",
+                        writer="GradientSketch.save", folder=True)
 
 
 def _settings(model, *, output, seed, k_out, k_in, k_vector, k, batch_size, target, max_length):

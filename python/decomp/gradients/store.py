@@ -300,7 +300,9 @@ _HOOK_COUNTS: dict = {}
 def kill_point(point: str) -> None:
     """Fault injection for tests: DECOMP_TEST_KILL_AT=<point>[:<n>] SIGKILLs this process the n-th time (default
     the first) it passes `point` ("commit": a batch's rows written, its progress not yet; "progress": the new
-    progress file written, not yet renamed; "fisher": a Fisher file written, not yet renamed)."""
+    progress file written, not yet renamed; "fisher": a Fisher file written, not yet renamed; "merge": a merged
+    folder written, not yet moved into place; "merge-swap": an earlier merge moved aside, the new one not yet in
+    its place; see gradients/writing.py)."""
     wanted = os.environ.get("DECOMP_TEST_KILL_AT")
     if not wanted or wanted.split(":")[0] != point:
         return

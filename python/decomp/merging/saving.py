@@ -1,22 +1,23 @@
 """Writing a merge: a save_pretrained folder with a model card naming the recipe and the inputs' content hashes.
 
 save_merged never deletes what it did not write: an existing non-empty target is refused unless overwrite=True,
-and even then replaced only when it holds a decomp model card (a folder save_merged wrote). The folder is written
-into a fresh hidden sibling and moved into place at the end, so a failure leaves no trace and an existing merge
-is replaced only by a complete one.
+and even then replaced only when it holds a decomp model card (a folder save_merged wrote); a link, or a folder
+holding one, is always refused. The folder is written into a fresh hidden sibling and moved into place at the end,
+so a failure (or a kill) leaves no trace and an existing merge is replaced only by a complete one (the policy of
+every decomp writer: gradients/writing.py).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from ..gradients import writing
 from .sources import Source
 
 CARD_TITLE = "# Merged with decomp"   # the line that marks a folder as written by save_merged
@@ -32,19 +33,10 @@ def written_by_decomp(folder: Path) -> bool:
 
 
 def check_target(out_dir, overwrite: bool = False) -> Path:
-    """The target folder, or an error when save_merged may not write it: a file, or a non-empty folder that is
-    not a decomp merge (always), or is one and overwrite is False."""
-    out_dir = Path(out_dir)
-    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise FileExistsError(f"out_dir={str(out_dir)!r} exists and is not a folder; decomp never overwrites it")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not written_by_decomp(out_dir):
-            raise FileExistsError(f"out_dir={str(out_dir)!r} exists and holds something decomp did not write; "
-                                  f"decomp never overwrites it: choose another folder")
-        if not overwrite:
-            raise FileExistsError(f"out_dir={str(out_dir)!r} holds an earlier merge; pass overwrite=True to "
-                                  f"replace it")
-    return out_dir
+    """The target folder, or a FileExistsError when save_merged may not write it: a link or a folder holding one,
+    a file, or a non-empty folder that is not a decomp merge (always), or is one and overwrite is False."""
+    return writing.check_target(out_dir, overwrite=overwrite, ours=written_by_decomp, what="a merge written by decomp",
+                                writer="save_merged", argument="out_dir", folder=True)
 
 
 def resolve_dtype(dtype) -> Optional[torch.dtype]:
@@ -74,9 +66,8 @@ def save_merged(state: Mapping, out_dir, *, like, recipe: Optional[dict] = None,
                          f"task?): save one task's model with its head added")
     created = _first_missing(out_dir.parent)   # folders made here, removed again if the save fails
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    done = False
-    try:
+
+    def fill(partial: Path) -> None:
         model = type(template)(template.config)
         if dtype is not None:
             model.to(dtype)
@@ -86,15 +77,14 @@ def save_merged(state: Mapping, out_dir, *, like, recipe: Optional[dict] = None,
         source = tokenizer or (getattr(template.config, "_name_or_path", None)
                                if not isinstance(like, (str, Path)) else like)
         _copy_tokenizer(source, partial)
-        recipe = dict(recipe or getattr(state, "recipe", {}) or {})
-        (partial / "README.md").write_text(_card(recipe, inputs))
-        _move_into_place(partial, check_target(out_dir, overwrite))
-        done = True
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        if not done and created is not None:
+        (partial / "README.md").write_text(_card(dict(recipe or getattr(state, "recipe", {}) or {}), inputs))
+    try:
+        return writing.write_folder(out_dir, fill, recheck=lambda target: check_target(target, overwrite),
+                                    kill="merge")
+    except BaseException:
+        if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-    return out_dir
+        raise
 
 
 def _first_missing(folder: Path) -> Optional[Path]:
@@ -145,22 +135,3 @@ def _card(recipe: dict, inputs: Sequence) -> str:
     if hashes:
         card += ["Inputs:", ""] + [f"- {h['input']}: sha256 {h['sha256']}" for h in hashes] + [""]
     return "\n".join(card)
-
-
-def _move_into_place(partial: Path, out_dir: Path) -> None:
-    """Renames the complete `partial` folder to `out_dir`; an earlier merge there (check_target allowed it) is
-    moved aside first and removed only once the new one is in place (put back if the rename fails)."""
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        partial.rename(out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old.rmdir()
-    out_dir.rename(old)
-    try:
-        partial.rename(out_dir)
-    except BaseException:
-        old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
