@@ -1,0 +1,91 @@
+"""Data-subspace TSV (ours): TSV-M whose per-task subspaces are chosen by each task's examples instead of by the
+weights alone.
+
+TSV-M keeps, of each task matrix τ_m, its best rank-k approximation in the Frobenius norm: the directions with the
+largest weights. What a task's examples see of a Linear layer's update is its effect on their inputs, τ_m X_m; the
+per-example gradients of that layer, g aᵀ summed over tokens, have their row space in the span of those inputs (the
+input factor of the gradients, whose covariance is the Gram C_m = Σ a aᵀ that decomp.collect_grams returns). So
+each task keeps instead the best rank-k approximation of τ_m in the norm ‖τ X_m‖_F = ‖τ C_m^½‖_F: the update's
+directions that move the outputs on the task's own inputs. With C_m = L Lᵀ and τ_m L = U S Wᵀ, that approximation is
+U_k U_kᵀ τ_m (no inverse of C_m needed: rows of τ_m the data never excites cost nothing either way). The tasks'
+pieces are then decorrelated exactly as TSV-M does, and `isotropic` flattens the gathered spectrum as Iso-C does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..registry import Parameter, register_merge_method
+from .linear import SCALE
+from .tsv import polar, svd_dtype, weighted_task_vectors
+
+
+def gram_square_root(gram: Tensor) -> Tensor:
+    """L with L Lᵀ = gram (symmetric PSD [n, n]): eigenvectors times the square roots of the (clamped) eigenvalues."""
+    values, vectors = torch.linalg.eigh(gram)
+    return vectors * values.clamp(min=0).sqrt()
+
+
+def data_truncation(tau: Tensor, root: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The best rank-k approximation of tau [out, in] in the norm ‖τ L‖_F (root L [in, in]), as singular
+    triplets (U [out, j], S [j], Vh [j, in]), j ≤ k: directions whose singular value of τ L is zero (at the
+    float rank tolerance, as numpy's matrix_rank) are not kept, since any choice of them would be arbitrary."""
+    left, values, _ = torch.linalg.svd(tau @ root, full_matrices=False)
+    tolerance = max(tau.shape) * torch.finfo(values.dtype).eps * float(values.max()) if values.numel() else 0.0
+    left = left[:, :min(k, int((values > tolerance).sum()))]
+    p, s, vh = torch.linalg.svd(left.T @ tau, full_matrices=False)
+    return left @ p, s, vh
+
+
+def _orientation(key: str, base: Tensor, context) -> tuple[list, bool]:
+    """([C_m] per model, transposed): the Grams of the tensor's module when every model has one that fits, else
+    ([], False); transposed when the tensor is stored [in, out] (GPT-2's Conv1D)."""
+    module = key.rsplit(".", 1)[0]
+    if not key.endswith(".weight") or not context.grams or not all(module in g for g in context.grams):
+        return [], False
+    grams = [g[module] for g in context.grams]
+    if grams[0].shape[0] == base.shape[1]:
+        return grams, False
+    return (grams, True) if grams[0].shape[0] == base.shape[0] else ([], False)
+
+
+@register_merge_method("data_tsv", needs=("base", "grams"), parameters=[SCALE, Parameter(
+    "isotropic", False, "set every gathered singular value to their mean, as Iso-C does", bool)])
+def data_tsv(key: str, values: list[Tensor], context) -> Tensor:
+    """Data-subspace TSV (ours): each task's top-k directions in the norm of its own inputs, decorrelated as TSV-M.
+
+    Per Linear weight τ_m [out, in] (Conv1D's [in, out] transposed first) with its module's input Gram C_m
+    (decomp.collect_grams) and k = ⌊r / M⌋, r = min(shape): C_m = L_m L_mᵀ, τ_m L_m = U S Wᵀ, T_m = U_k U_kᵀ τ_m
+    = P_m Σ_m Q_mᵀ (its thin SVD, rank k); U = polar([P_1 .. P_M]), V = polar([Q_1 .. Q_M]),
+    Δ = U diag(Σ_1 .. Σ_M) Vᵀ, or with isotropic=True Δ = σ̄ U Vᵀ (σ̄ the mean of the gathered singular values).
+    Other 2-D tensors (no Gram: embeddings) take TSV-M's own truncation (C_m = I), noted; other tensors
+    Δ = (1/M) Σ_m λ_m τ_m. θ = θ_0 + scale·Δ, τ_m scaled by its λ_m first."""
+    base, taus = weighted_task_vectors(key, values, context)
+    scale = context.params["scale"]
+    if base.dim() != 2:
+        return base + scale * sum(taus) / len(taus)
+    grams, transposed = _orientation(key, base, context)
+    dtype = svd_dtype(key, context)
+    taus = [(t.T if transposed else t).to(dtype) for t in taus]
+    k = min(base.shape) // len(taus)
+    if k == 0:
+        context.note(key, f"data_tsv: {len(taus)} tasks exceed the rank {min(base.shape)}: kept from the base")
+        return base
+    if not grams:
+        context.note(key, "data_tsv: no input Gram for this tensor: TSV-M's truncation (by the weights)")
+    us, ss, vhs = [], [], []
+    for m, tau in enumerate(taus):
+        root = (gram_square_root(grams[m].to(tau)) if grams
+                else torch.eye(tau.shape[1], dtype=dtype, device=tau.device))
+        u, s, vh = data_truncation(tau, root, k)
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
+    spectrum = torch.cat(ss)
+    if spectrum.numel() == 0:   # no task changed what its inputs see (e.g. frozen weights)
+        return base
+    left, right = polar(torch.cat(us, 1)), polar(torch.cat(vhs, 0))
+    delta = spectrum.mean() * left @ right if context.params["isotropic"] else left @ torch.diag(spectrum) @ right
+    delta = delta.T if transposed else delta
+    return base + scale * delta.double()
