@@ -59,14 +59,14 @@ def init_from_environment() -> bool:
 
 
 def model_fingerprint(model) -> str:
-    """A hash of every parameter's name, shape, dtype and value sums (one read of the weights)."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            values = parameter.detach().double()
-            digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}:{parameter.requires_grad}:"
-                          f"{float(values.sum()):.17g}:{float(values.square().sum()):.17g};".encode())
-    return digest.hexdigest()[:16]
+    """A hash of every parameter's and buffer's name, shape, dtype and bytes (gradients.store.weights_fingerprint:
+    streamed, a chunk at a time), and of which parameters are frozen: two checkpoints of one architecture with
+    other weights differ, even where their sums agree."""
+    from .gradients.store import weights_fingerprint
+    frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
+    if not frozen:
+        return weights_fingerprint(model)
+    return f"{weights_fingerprint(model)}, frozen {hashlib.sha256(';'.join(frozen).encode()).hexdigest()[:8]}"
 
 
 def data_fingerprint(data) -> Optional[str]:
