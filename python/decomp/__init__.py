@@ -11,6 +11,10 @@ The package follows the procedure, data flowing one way (app -> analysis, mergin
   app/        the command line, the demo and its report, fine-tuning, the built-in assets
 """
 
+from ._startup import guard_startup as _guard_startup
+
+_guard_startup()   # the `decomp` command: Ctrl-C while it imports is one line and exit code 130 (see _startup.py)
+
 from .analysis import Alignment, Components, cluster, component_fishers, ica, pca, prepare
 from .gradients import Fisher, GradientSketch, collect_grams, compute_fisher, coverage, sketch_gradients
 from .kernels import ops

@@ -14,7 +14,8 @@ import os
 import sys
 
 from . import commands
-from .errors import guarded
+from .._startup import release
+from .errors import INTERRUPTED, guarded
 from ..gradients.hf import TASKS
 from ..gradients.outputs import FISHER_KINDS, OUTPUTS
 
@@ -171,10 +172,15 @@ def _run(args) -> None:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    debug = args.debug or bool(os.environ.get("DECOMP_DEBUG"))
-    return guarded(args.command, debug, lambda: _run(args))
+    try:
+        release()   # from here on Ctrl-C is a KeyboardInterrupt, reported by guarded (or just below)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        args = build_parser().parse_args(argv)
+        debug = args.debug or bool(os.environ.get("DECOMP_DEBUG"))
+        return guarded(args.command, debug, lambda: _run(args))
+    except KeyboardInterrupt:
+        print("decomp: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
