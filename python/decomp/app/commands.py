@@ -4,9 +4,9 @@ Every command checks its output target and its cheap inputs (paths, columns, cel
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from ..gradients.writing import write_folder
 from .errors import CommandError
 from .loading import check_model_source, load_data, load_model, read_recipe
 from .outputs import REPLACE, claim, clear
@@ -118,22 +118,16 @@ def _write_components(args, sketch, folder: Path) -> list:
 def command_decompose(args):
     import decomp
     out = Path(args.output)
-    state = claim(out, "decompose", overwrite=args.overwrite)
+    claim(out, "decompose", overwrite=args.overwrite)
     if not (Path(args.store) / "meta.json").exists():
         raise CommandError(f"{args.store} is not a sketch store (no meta.json): make one with `decomp sketch`")
     sketch = decomp.GradientSketch.load(args.store)
-    partial = out.with_name(out.name + ".partial")   # written whole, then renamed: no half-written output
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        files = _write_components(args, sketch, partial)
-        if state == REPLACE:
-            clear(out, "decompose")
-        elif out.exists():
-            out.rmdir()   # an empty folder
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    files: list = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written whole into a hidden sibling, then moved into place (an earlier output is moved aside and deleted
+    # last): no half-written output, and nothing beside it is touched
+    write_folder(out, lambda partial: files.extend(_write_components(args, sketch, partial)),
+                 recheck=lambda target: claim(target, "decompose", overwrite=args.overwrite), kill="decompose")
     components = decomp.Components.load(out / "components.safetensors")
     print(f"{components.kind} components -> {out}/ ({', '.join(files)})")
 

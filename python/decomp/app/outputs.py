@@ -2,7 +2,8 @@
 
 A target that does not exist, or an empty folder, is written. A target that holds an output of the same kind
 (recognised by its content) is resumed where the kind resumes (a sketch store, a demo folder), and otherwise
-replaced only with --overwrite. Anything else is refused, --overwrite or not: decomp does not know it wrote it."""
+replaced only with --overwrite. Anything else is refused, --overwrite or not: decomp does not know it wrote it; so
+is a symbolic link, or a folder holding one (decomp never writes through or deletes a link)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..gradients.writing import refuse_links
 from .errors import CommandError
 
 NEW, RESUME, REPLACE = "new", "resume", "replace"
@@ -75,7 +77,11 @@ def claim(target, kind: str, *, overwrite: bool, resumable: bool = False) -> str
     """NEW, RESUME or REPLACE: how the command may write `target`; a CommandError where it may not."""
     path = Path(target)
     folder = kind != "fisher"
-    if not path.exists() and not path.is_symlink():
+    try:
+        refuse_links(path, "--output")   # a link, or a folder holding one, is never written through or deleted
+    except FileExistsError as error:
+        raise CommandError(str(error)) from None
+    if not path.exists():
         return NEW
     if folder != path.is_dir():
         raise CommandError(f"{target} is a {'file' if folder else 'folder'}; the output must be a "
@@ -95,8 +101,8 @@ def claim(target, kind: str, *, overwrite: bool, resumable: bool = False) -> str
 def clear(target, kind: str) -> None:
     """Deletes an output of `kind` decomp wrote (checked again here), so the command starts afresh."""
     path = Path(target)
-    if not is_own(path, kind):
-        raise CommandError(f"{target} holds something decomp did not write; it is not deleted")
+    if path.is_symlink() or not is_own(path, kind):
+        raise CommandError(f"{target} holds something decomp did not write (or is a link); it is not deleted")
     if path.is_dir():
         shutil.rmtree(path)
     else:

@@ -8,6 +8,8 @@ import html
 import json
 from pathlib import Path
 
+from ..gradients.writing import write_text
+
 FIGURE_FILES = {"spectrum": "spectrum.png", "gradient clusters": "clusters.png",
                 "activation clusters": "activation_clusters.png", "ICA components": "ica.png", "merging": "merging.png"}
 SECTION_FIGURES = {"Decomposition": ("spectrum", "gradient clusters", "activation clusters", "ICA components"),
@@ -123,9 +125,9 @@ def render_html(results: dict, figures: dict) -> str:
 def write_report(out_dir, results: dict, figures: dict) -> Path:
     """results.md and report.html in out_dir; returns the page's path."""
     out_dir = Path(out_dir)
-    (out_dir / "results.md").write_text(render_markdown(results))
-    (out_dir / "report.html").write_text(render_html(results, figures))
-    return out_dir / "report.html"
+    markdown, page = render_markdown(results), render_html(results, figures)   # both rendered before either is written
+    write_text(out_dir / "results.md", markdown, what="the demo's tables")
+    return write_text(out_dir / "report.html", page, what="the demo's report")
 
 
 def figures_in(out_dir) -> dict:
@@ -140,7 +142,11 @@ def rerender(out_dir) -> Path:
     source = out_dir / "results.json"
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: run `decomp demo -o {out_dir}` first")
-    results = json.loads(source.read_text())
-    for row in results["merging"]["rows"]:   # results of an older demo named rows by their label alone
-        row.setdefault("label", row.get("method"))
-    return write_report(out_dir, results, figures_in(out_dir))
+    try:
+        results = json.loads(source.read_text())
+        for row in results["merging"]["rows"]:   # results of an older demo named rows by their label alone
+            row.setdefault("label", row.get("method"))
+        return write_report(out_dir, results, figures_in(out_dir))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{source} is not a demo's results.json (expected the JSON object `decomp demo` writes): "
+                         f"{type(error).__name__}: {error}") from None
