@@ -176,6 +176,32 @@ def test_folder_writers_refuse_a_link_or_a_folder_holding_one(tmp_path):
         sketch.save(tmp_path / "store-link", overwrite=True)
 
 
+def test_a_sketch_store_a_figure_and_stored_tensors_are_never_written_through_a_link(tmp_path):
+    from decomp.analysis.plots import plot_spectrum
+    from decomp.app.stored import StoredTensors
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "store").symlink_to(real, target_is_directory=True)
+    with pytest.raises(FileExistsError, match=rf"store='{tmp_path / 'store'}' is a symbolic link"):
+        decomp.sketch_gradients(tiny("bert"), [padded_batch("bert", [3, 2])], store=tmp_path / "store", k_out=2,
+                                k_in=2, k_vector=8, progress=False)
+    assert list(real.iterdir()) == []
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"my picture")
+    (tmp_path / "spectrum.png").symlink_to(mine)
+    (tmp_path / "grams.safetensors").symlink_to(mine)
+    spectrum = decomp.pca(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)), 3)
+    with pytest.raises(FileExistsError, match="spectrum.png' is a symbolic link"):
+        plot_spectrum(spectrum, tmp_path / "spectrum.png")
+    with pytest.raises(FileExistsError, match="grams.safetensors' is a symbolic link"):
+        StoredTensors.write({"w": torch.ones(2)}, tmp_path / "grams.safetensors")
+    assert mine.read_bytes() == b"my picture"
+    assert plot_spectrum(spectrum, tmp_path / "figures" / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+    assert torch.equal(StoredTensors.write({"w": torch.ones(2)}, tmp_path / "t.safetensors")["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "grams.safetensors", "mine.png", "real",
+                                                          "spectrum.png", "store", "t.safetensors"]
+
+
 def test_the_report_is_never_written_through_a_link(tmp_path, monkeypatch):
     from decomp.app import report
     monkeypatch.setattr(report, "render_markdown", lambda results: "tables")

@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..gradients.writing import refuse_links, write_file
+
 
 def _pyplot():
     import matplotlib
@@ -65,8 +67,13 @@ def top_examples_markdown(components, texts: Sequence[str], *, labels: Optional[
 
 
 def _save(figure, path) -> Path:
+    """The figure into `path` (its format from the suffix, png without one), atomically and never through a link."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    _pyplot().close(figure)
+    try:
+        refuse_links(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(path, lambda partial: figure.savefig(partial, dpi=120, format=path.suffix[1:] or "png"),
+                   what="the figure")
+    finally:
+        _pyplot().close(figure)
     return path

@@ -19,9 +19,14 @@ class StoredTensors(Mapping):
 
     @classmethod
     def write(cls, tensors: Mapping, path) -> "StoredTensors":
-        """Saves `tensors` to `path` and returns the mapping that reads them back."""
+        """Saves `tensors` to `path` (atomically, never through a link: gradients/writing.py) and returns the
+        mapping that reads them back."""
         from safetensors.torch import save_file
-        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(path))
+
+        from ..gradients.writing import refuse_links, write_file
+        refuse_links(path)
+        plain = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        write_file(path, lambda partial: save_file(plain, str(partial)), what="the tensors", wrap=Exception)
         return cls(path)
 
     def __getitem__(self, name: str):

@@ -184,7 +184,9 @@ class RowStore:
     (weights_fingerprint of the model) is recorded by a new store and must match an existing one."""
 
     def __init__(self, root, config: dict, dim: int, blocks: list, rank: int = 0, weights: Optional[str] = None):
+        from .writing import refuse_links
         self.root = Path(root)
+        refuse_links(self.root, "store")   # a store is a folder of plain files: a link is never written through
         meta = read_meta(self.root)
         if meta is None:
             if rank != 0:
