@@ -102,3 +102,28 @@ def test_data_tsv_needs_grams():
     base, models, _ = task_states()
     with pytest.raises(ValueError, match="grams"):
         decomp.merge(models, method="data_tsv", base=base)
+
+
+# --- the SVD methods' shared guards (tsv.py): zero task vectors, LAPACK failures -----------------------------------
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "data_tsv"])
+def test_a_matrix_no_task_changed_keeps_the_base_and_says_so(method):
+    # frozen word embeddings: decomposing zero task vectors once made LAPACK fail to converge in iso_cts
+    base, models, grams = task_states()
+    frozen = [{**m, "emb.weight": base["emb.weight"].clone()} for m in models]
+    merged = decomp.merge(frozen, method=method, base=base, grams=grams if method == "data_tsv" else None)
+    assert torch.equal(merged["emb.weight"], base["emb.weight"])
+    assert "every task vector is zero" in merged.notes["emb.weight"]
+
+
+def test_thin_svd_falls_back_to_the_qr_iteration_driver_when_lapack_fails(monkeypatch):
+    from decomp.merging.methods import tsv
+    matrix = torch.randn(7, 4, dtype=torch.float32)
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+    monkeypatch.setattr(torch.linalg, "svd", failing)
+    u, s, vh = tsv.thin_svd(matrix)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32 and u.shape == (7, 4) and vh.shape == (4, 4)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, matrix, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, torch.from_numpy(np.linalg.svd(matrix.double().numpy(), compute_uv=False)).float())

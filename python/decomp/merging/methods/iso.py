@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..registry import Interval, Parameter, register_merge_method
 from .linear import SCALE
-from .tsv import polar, svd_dtype, weighted_task_vectors
+from .tsv import polar, svd_dtype, thin_svd, unchanged, weighted_task_vectors
 
 
 @register_merge_method("iso_c", needs=("base",), parameters=[SCALE])
@@ -27,7 +27,9 @@ def iso_c(key: str, values: list[Tensor], context) -> Tensor:
     base, taus = weighted_task_vectors(key, values, context)
     if base.dim() != 2:
         return base + context.params["scale"] * sum(taus) / len(taus)
-    u, s, vh = torch.linalg.svd(sum(taus).to(svd_dtype(key, context)), full_matrices=False)
+    if unchanged(key, taus, context, "iso_c"):
+        return base
+    u, s, vh = thin_svd(sum(taus).to(svd_dtype(key, context)))
     return base + context.params["scale"] * (s.mean() * u @ vh).double()
 
 
@@ -55,14 +57,16 @@ def iso_cts(key: str, values: list[Tensor], context) -> Tensor:
     base, taus = weighted_task_vectors(key, values, context)
     if base.dim() != 2:
         return base + context.params["scale"] * sum(taus) / len(taus)
+    if unchanged(key, taus, context, "iso_cts"):
+        return base
     dtype = svd_dtype(key, context)
     common, per_task = subspace_sizes(min(base.shape), len(taus), context.params["common_space_fraction"])
-    u, s, vh = torch.linalg.svd(sum(taus).to(dtype), full_matrices=False)
+    u, s, vh = thin_svd(sum(taus).to(dtype))
     us, ss, vhs = [], [], []
     for tau in taus:
         tau = tau.to(dtype)
         specific = tau - u[:, :common] @ (u[:, :common].T @ tau)
-        u_m, s_m, vh_m = torch.linalg.svd(specific, full_matrices=False)
+        u_m, s_m, vh_m = thin_svd(specific)
         us.append(u_m[:, :per_task])
         ss.append(s_m[:per_task])
         vhs.append(vh_m[:per_task])

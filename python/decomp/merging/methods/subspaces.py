@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..registry import Parameter, register_merge_method
 from .linear import SCALE
-from .tsv import polar, svd_dtype, weighted_task_vectors
+from .tsv import polar, svd_dtype, thin_svd, unchanged, weighted_task_vectors
 
 
 def gram_square_root(gram: Tensor) -> Tensor:
@@ -31,10 +31,10 @@ def data_truncation(tau: Tensor, root: Tensor, k: int) -> tuple[Tensor, Tensor, 
     """The best rank-k approximation of tau [out, in] in the norm ‖τ L‖_F (root L [in, in]), as singular
     triplets (U [out, j], S [j], Vh [j, in]), j ≤ k: directions whose singular value of τ L is zero (at the
     float rank tolerance, as numpy's matrix_rank) are not kept, since any choice of them would be arbitrary."""
-    left, values, _ = torch.linalg.svd(tau @ root, full_matrices=False)
+    left, values, _ = thin_svd(tau @ root)
     tolerance = max(tau.shape) * torch.finfo(values.dtype).eps * float(values.max()) if values.numel() else 0.0
     left = left[:, :min(k, int((values > tolerance).sum()))]
-    p, s, vh = torch.linalg.svd(left.T @ tau, full_matrices=False)
+    p, s, vh = thin_svd(left.T @ tau)
     return left @ p, s, vh
 
 
@@ -65,6 +65,8 @@ def data_tsv(key: str, values: list[Tensor], context) -> Tensor:
     scale = context.params["scale"]
     if base.dim() != 2:
         return base + scale * sum(taus) / len(taus)
+    if unchanged(key, taus, context, "data_tsv"):
+        return base
     grams, transposed = _orientation(key, base, context)
     dtype = svd_dtype(key, context)
     taus = [(t.T if transposed else t).to(dtype) for t in taus]

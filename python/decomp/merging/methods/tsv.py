@@ -22,9 +22,31 @@ def svd_dtype(key: str, context) -> torch.dtype:
     return torch.float64 if context.sources[0].dtype(key) == torch.float64 else torch.float32
 
 
+def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.linalg.svd(matrix, full_matrices=False). LAPACK's divide-and-conquer driver (torch's on the CPU) can
+    fail to converge on matrices with many repeated singular values, such as stacks of equal or zero task
+    directions; those are decomposed again in float64 by the slower QR-iteration driver (gesvd), which does."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        import scipy.linalg
+        u, s, vh = scipy.linalg.svd(matrix.detach().cpu().double().numpy(), full_matrices=False,
+                                    lapack_driver="gesvd")
+        return tuple(torch.from_numpy(x).to(device=matrix.device, dtype=matrix.dtype) for x in (u, s, vh))
+
+
+def unchanged(key: str, taus: list[Tensor], context, method: str) -> bool:
+    """Whether no task changed this tensor (e.g. frozen word embeddings): the SVD methods then keep θ_0 (noted),
+    rather than decomposing zero matrices whose singular vectors are arbitrary."""
+    if any(bool(t.any()) for t in taus):
+        return False
+    context.note(key, f"{method}: every task vector is zero here: kept from the base")
+    return True
+
+
 def polar(matrix: Tensor) -> Tensor:
     """The orthogonal matrix closest to `matrix` [a, b] (Frobenius norm): P Qᵀ from its thin SVD P S Qᵀ."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    p, _, qh = thin_svd(matrix)
     return p @ qh
 
 
@@ -46,13 +68,15 @@ def tsv(key: str, values: list[Tensor], context) -> Tensor:
     base, taus = weighted_task_vectors(key, values, context)
     if base.dim() != 2:
         return base + context.params["scale"] * sum(taus) / len(taus)
+    if unchanged(key, taus, context, "tsv"):
+        return base
     k = min(base.shape) // len(taus)
     if k == 0:
         context.note(key, f"tsv: {len(taus)} tasks exceed the rank {min(base.shape)}: kept from the base")
         return base
     us, ss, vhs = [], [], []
     for tau in taus:
-        u, s, vh = torch.linalg.svd(tau.to(svd_dtype(key, context)), full_matrices=False)
+        u, s, vh = thin_svd(tau.to(svd_dtype(key, context)))
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])
