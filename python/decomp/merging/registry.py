@@ -6,6 +6,14 @@ the parameters it takes (:class:`Parameter`: name, default, type, domain, one li
 the models (any of ``NEEDS``), and an optional one-time ``prepare(context)`` whose result the formula finds in
 ``context.prepared``. The formula's docstring states the formula and the paper it follows.
 
+A method also declares how much of a tensor its formula must see at once (``slices``): "entries" when each entry of
+the result depends only on the same entry of the inputs (and on what ``prepare`` computed), "rows" when each row
+(index of the first dimension) depends only on that row, None (the default) when it needs the whole tensor; or a
+function ``(key, context) -> one of those`` when that depends on the tensor or the parameters. The engine then
+hands the formula blocks of whole rows of about a million entries (``context.rows`` says which), so that a merge
+of a large embedding holds a few blocks in float64 instead of several whole copies; the result is the same, bit
+for bit, as the formula on the whole tensor (tests/test_merge_slices.py checks every built-in method).
+
 Built-in methods live in ``decomp/merging/methods/``, one file per family, and register themselves on import; a
 user registers one without any file::
 
@@ -34,6 +42,7 @@ if TYPE_CHECKING:
     from .engine import MergeContext
 
 NEEDS = ("base", "fishers", "grams", "components")
+SLICES = ("entries", "rows", None)
 NEED_DOCS = {"base": "base= (the model the inputs were fine-tuned from)",
              "fishers": "fishers=[one Fisher per model] (decomp.Fisher, a mapping, or a saved file)",
              "grams": "grams=[one decomp.collect_grams(...) per model, or a safetensors file of one]",
@@ -178,6 +187,15 @@ class MergeMethod:
     doc: str = field(default="", repr=False)
     weighted: bool = True   # whether it uses the per-model weights λ (decomp.merge refuses them if not)
     normalizes: bool = False   # whether it divides by Σ λ_m (decomp.merge refuses weights summing to zero)
+    slices: Any = field(default=None, repr=False)   # one of SLICES, or (key, context) -> one of them
+
+    def slicing(self, key: str, context: "MergeContext") -> Optional[str]:
+        """How the formula may be given tensor `key`: "entries", "rows" or None (whole), see the module's doc."""
+        slices = self.slices(key, context) if callable(self.slices) else self.slices
+        if slices not in SLICES:
+            raise ValueError(f"merge method {self.name!r} declares slices={slices!r} for {key!r}; it must be one "
+                             f"of {SLICES}")
+        return slices
 
     @property
     def summary(self) -> str:
@@ -223,7 +241,7 @@ _REGISTRY: dict[str, MergeMethod] = {}
 
 def register_merge_method(name: str, formula: Optional[Callable] = None, *, parameters=(), needs=(),
                           prepare: Optional[Callable] = None, weighted: bool = True, normalizes: bool = False,
-                          replace: bool = False):
+                          slices=None, replace: bool = False):
     """Registers a merge method under `name`, usable by decomp.merge(method=name) and in recipes.
 
     As a decorator (``@register_merge_method("name", parameters=..., needs=...)``) it returns the formula
@@ -231,12 +249,13 @@ def register_merge_method(name: str, formula: Optional[Callable] = None, *, para
     mapping name -> default (the type taken from the default). needs: any of "base", "fishers", "grams",
     "components". prepare(context): computed once before any tensor, found in ``context.prepared``. weighted=False:
     the method has no use for per-model weights λ (passing them is an error); normalizes=True: it divides by
-    Σ λ_m (weights summing to zero are an error). replace=True lets a name be
+    Σ λ_m (weights summing to zero are an error). slices: "entries", "rows" or None (the default: whole tensors),
+    or a function (key, context) -> one of those, see the module's doc. replace=True lets a name be
     registered again (else an error)."""
     if formula is None:
         def decorator(function: Callable) -> Callable:
             register_merge_method(name, function, parameters=parameters, needs=needs, prepare=prepare,
-                                  weighted=weighted, normalizes=normalizes, replace=replace)
+                                  weighted=weighted, normalizes=normalizes, slices=slices, replace=replace)
             return function
         return decorator
     if not isinstance(name, str) or not name.isidentifier():
@@ -246,8 +265,12 @@ def register_merge_method(name: str, formula: Optional[Callable] = None, *, para
     bad = [n for n in needs if n not in NEEDS]
     if bad:
         raise ValueError(f"merge method {name!r}: needs must be among {', '.join(NEEDS)}; got {bad[0]!r}")
+    if not callable(slices) and slices not in SLICES:
+        raise ValueError(f"merge method {name!r}: slices must be one of {SLICES} or a function of (key, context); "
+                         f"got {slices!r}")
     declared = tuple(_parameter(p, parameters) for p in parameters)
-    method = MergeMethod(name, formula, declared, tuple(needs), prepare, formula.__doc__ or "", weighted, normalizes)
+    method = MergeMethod(name, formula, declared, tuple(needs), prepare, formula.__doc__ or "", weighted, normalizes,
+                         slices)
     _REGISTRY[name] = method
     return method
 

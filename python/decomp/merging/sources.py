@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,9 +32,13 @@ class Source:
                 self._tensors.update({key: reader for key in reader.entries})
         self.keys = list(self._tensors)
 
-    def get(self, key: str) -> Tensor:
+    def get(self, key: str, rows: Optional[slice] = None) -> Tensor:
+        """The tensor `key`, or only its `rows` (a slice of the first dimension, step 1): a view of an in-memory
+        tensor, or just those bytes read from a file."""
         value = self._tensors[key]
-        return value if isinstance(value, Tensor) else value.get(key)
+        if isinstance(value, Tensor):
+            return value if rows is None else value[rows]
+        return value.get(key, rows)
 
     def shape(self, key: str) -> tuple:
         value = self._tensors[key]
@@ -78,15 +83,23 @@ class SafetensorsReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.DTYPES[self.entries[key]["dtype"]]
 
-    def get(self, key: str) -> Tensor:
+    def get(self, key: str, rows: Optional[slice] = None) -> Tensor:
+        """The tensor, or its `rows` (a slice of the first dimension, step 1): tensors are stored row-major, so
+        those rows are one contiguous run of bytes."""
         entry = self.entries[key]
         begin, end = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0])
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + start * row_bytes, begin + max(stop, start) * row_bytes
+            shape[0] = max(stop - start, 0)
         with open(self.path, "rb") as handle:
             handle.seek(self.start + begin)
             data = bytearray(handle.read(end - begin))
         if not data:
-            return torch.empty(entry["shape"], dtype=self.dtype(key))
-        return torch.frombuffer(data, dtype=self.dtype(key)).reshape(entry["shape"])
+            return torch.empty(shape, dtype=self.dtype(key))
+        return torch.frombuffer(data, dtype=self.dtype(key)).reshape(shape)
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -52,12 +52,14 @@ def magprune(key: str, values: list[Tensor], context) -> tuple[Tensor, list[Tens
     dropped = []
     for m, tau in enumerate(taus):
         keep = keep_probabilities(tau, params["density"], params["epsilon"]).to(tau.device)
-        survives = hash_uniforms(params["seed"], m, key, tau.shape).to(tau.device) < keep
+        survives = hash_uniforms(params["seed"], m, key, tau.shape, context.first_entry(tau)).to(tau.device) < keep
         dropped.append(torch.where(survives, tau / keep, torch.zeros_like(tau)))
     return base, dropped
 
 
-@register_merge_method("della", needs=("base",), prepare=_prepare, parameters=[*DELLA_PARAMETERS, NORMALIZE])
+# ranks are taken within each row, so the engine may hand the formula blocks of whole rows
+@register_merge_method("della", needs=("base",), prepare=_prepare, slices="rows",
+                       parameters=[*DELLA_PARAMETERS, NORMALIZE])
 def della(key: str, values: list[Tensor], context) -> Tensor:
     """DELLA: MagPrune drops by magnitude rank, rescaling, then TIES' election and disjoint mean (Deep et al., 2024).
 
@@ -69,7 +71,7 @@ def della(key: str, values: list[Tensor], context) -> Tensor:
     return base + context.params["scale"] * disjoint_mean(dropped, context.weights, context.params["normalize"])
 
 
-@register_merge_method("della_linear", needs=("base",), prepare=_prepare, parameters=DELLA_PARAMETERS)
+@register_merge_method("della_linear", needs=("base",), prepare=_prepare, slices="rows", parameters=DELLA_PARAMETERS)
 def della_linear(key: str, values: list[Tensor], context) -> Tensor:
     """DELLA-linear: MagPrune's drops and rescaling, then task arithmetic, no sign election (as mergekit).
 

@@ -35,8 +35,11 @@ def _means(fishers: list[Mapping[str, Tensor]], context) -> list[Optional[float]
     merged = set(context.plan.merged)
     means = []
     for fisher in fishers:
-        total = sum(float(t.double().sum()) for k, t in fisher.items() if k in merged)
-        count = sum(t.numel() for k, t in fisher.items() if k in merged)
+        total, count = 0.0, 0
+        for key in fisher:
+            if key in merged:   # each tensor read once (a ChosenSum sums its components at each read)
+                value = fisher[key]
+                total, count = total + float(value.double().sum()), count + value.numel()
         means.append(total / max(count, 1))
     return means
 
@@ -54,12 +57,32 @@ def _prepare_components(context) -> FisherWeights:
         bad = [c for c in chosen if not 0 <= c < len(per_component)]
         if bad:
             raise ValueError(f"select[{m}] names component {bad[0]}, but model {m} has {len(per_component)}")
-        combined.append({k: sum(per_component[c][k] for c in chosen) for k in per_component[chosen[0]]})
+        combined.append(ChosenSum(per_component, chosen))
     return FisherWeights(combined, _means(combined, context))
 
 
+class ChosenSum(Mapping):
+    """key -> Σ_{c in chosen} F_c[key], summed when a tensor asks for it: summing every tensor up front held one
+    more model-sized Fisher per model for the whole merge (and component Fishers stored on disk stay there)."""
+
+    def __init__(self, per_component: list[Mapping[str, Tensor]], chosen: list[int]):
+        self.per_component, self.chosen = per_component, list(chosen)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return sum(self.per_component[c][key] for c in self.chosen)
+
+    def __contains__(self, key) -> bool:   # without summing
+        return key in self.per_component[self.chosen[0]]
+
+    def __iter__(self):
+        return iter(self.per_component[self.chosen[0]])
+
+    def __len__(self) -> int:
+        return len(self.per_component[self.chosen[0]])
+
+
 @register_merge_method("fisher", needs=("fishers",), prepare=_prepare_fisher, parameters=WEIGHTING,
-                       normalizes=True)
+                       normalizes=True, slices="entries")
 def fisher(key: str, values: list[Tensor], context) -> Tensor:
     """Fisher merging: the Fisher-weighted average of the models (Matena & Raffel, 2022).
 
@@ -79,7 +102,7 @@ def fisher(key: str, values: list[Tensor], context) -> Tensor:
         return average
     numerator, denominator = 0.0, 0.0
     for m, (w, v) in enumerate(zip(weights, values)):
-        F = prepared.fishers[m][key].double()
+        F = context.part(prepared.fishers[m], key).double()
         if params["normalize"]:
             F = F / max(prepared.means[m], 1e-300)
         floor = params["floor"] if params["floor_relative"] is None else params["floor_relative"] * \
@@ -93,7 +116,7 @@ def fisher(key: str, values: list[Tensor], context) -> Tensor:
 
 
 @register_merge_method("components", needs=("components",), prepare=_prepare_components, normalizes=True,
-                       parameters=[
+                       slices="entries", parameters=[
     Parameter("select", REQUIRED, "the chosen component indices of each model, one list per model", list,
               PerModel()), *WEIGHTING])
 def components(key: str, values: list[Tensor], context) -> Tensor:

@@ -8,6 +8,8 @@ clamped to [-1, 1] with the norm product floored at 1e-6; filter_wise takes one 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -19,7 +21,13 @@ def _prepare(context) -> None:
         raise ValueError(f"method='model_stock' needs at least two fine-tuned models; got {len(context.sources)}")
 
 
-@register_merge_method("model_stock", needs=("base",), prepare=_prepare, weighted=False, parameters=[
+def _model_stock_slices(key: str, context) -> Optional[str]:
+    # filter_wise takes one angle per row; otherwise the angle is the whole tensor's
+    return "rows" if context.params["filter_wise"] else None
+
+
+@register_merge_method("model_stock", needs=("base",), prepare=_prepare, weighted=False,
+                       slices=_model_stock_slices, parameters=[
     Parameter("filter_wise", False, "one angle per row (output filter) instead of one per tensor", bool)])
 def model_stock(key: str, values: list[Tensor], context) -> Tensor:
     """Model Stock: t·mean(θ_m) + (1 - t)·θ_0 with t from the task vectors' angle (Jang et al., 2024).

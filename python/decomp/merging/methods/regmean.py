@@ -11,6 +11,8 @@ the result's notes.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -35,7 +37,12 @@ def closest_least_squares(left: Tensor, right: Tensor, average: Tensor) -> tuple
     return inside + average - basis @ (basis.T @ average), int(seen.sum())
 
 
-@register_merge_method("regmean", needs=("grams",), normalizes=True, parameters=[
+def _regmean_slices(key: str, context) -> Optional[str]:
+    # a layer's least squares needs its whole weight; every other tensor is an average, entry by entry
+    return None if _applies(key, context) else "entries"
+
+
+@register_merge_method("regmean", needs=("grams",), normalizes=True, slices=_regmean_slices, parameters=[
     Parameter("alpha", 0.9, "scale of the Grams' off-diagonal entries (1: exact least squares)", float,
               Interval(0, 1))])
 def regmean(key: str, values: list[Tensor], context) -> Tensor:

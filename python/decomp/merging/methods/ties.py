@@ -31,11 +31,16 @@ def _density(default: float, doc: str) -> Parameter:
     return Parameter("density", default, doc, float, Interval(0, 1, "(]"))
 
 
+def _ties_slices(key: str, context) -> Optional[str]:
+    # given the global thresholds each entry is trimmed on its own; a per-tensor trim ranks the whole tensor
+    return "entries" if context.params["trim"] == "global" else None
+
+
 def _prepare_ties(context) -> Optional[list[float]]:
     return _global_thresholds(context, context.params["density"]) if context.params["trim"] == "global" else None
 
 
-@register_merge_method("ties", needs=("base",), prepare=_prepare_ties, parameters=[
+@register_merge_method("ties", needs=("base",), prepare=_prepare_ties, slices=_ties_slices, parameters=[
     _density(0.2, "fraction of each task vector kept (largest magnitudes)"),
     Parameter("trim", "global", "'global': over the whole flattened task vector (the paper); 'per_tensor'", str,
               Choice(("global", "per_tensor"))),
@@ -53,7 +58,7 @@ def ties(key: str, values: list[Tensor], context) -> Tensor:
     return base + context.params["scale"] * disjoint_mean(taus, context.weights, context.params["normalize"])
 
 
-@register_merge_method("dare", needs=("base",), parameters=[
+@register_merge_method("dare", needs=("base",), slices="entries", parameters=[
     _density(0.1, "probability of keeping each entry of a task vector"), SEED, SCALE])
 def dare(key: str, values: list[Tensor], context) -> Tensor:
     """DARE: random drop and rescale of each task vector, then task arithmetic (Yu et al., 2024).
@@ -64,7 +69,7 @@ def dare(key: str, values: list[Tensor], context) -> Tensor:
     return base + context.params["scale"] * sum(w * t for w, t in zip(context.weights, taus))
 
 
-@register_merge_method("dare_ties", needs=("base",), parameters=[
+@register_merge_method("dare_ties", needs=("base",), slices="entries", parameters=[
     _density(0.1, "probability of keeping each entry of a task vector"), SEED, SCALE, NORMALIZE])
 def dare_ties(key: str, values: list[Tensor], context) -> Tensor:
     """DARE-TIES: DARE's drop and rescale, then TIES' sign election and disjoint mean (Yu et al., 2024).
@@ -78,20 +83,23 @@ def dare_ties(key: str, values: list[Tensor], context) -> Tensor:
 def _dropped(key: str, values: list[Tensor], context) -> tuple[Tensor, list[Tensor]]:
     base, taus = context.task_vectors(key, values)
     seed, density = context.params["seed"], context.params["density"]
-    return base, [t * dare_mask(seed, m, key, t.shape, density).to(t.device) / density for m, t in enumerate(taus)]
+    return base, [t * dare_mask(seed, m, key, t.shape, density, context.first_entry(t)).to(t.device) / density
+                  for m, t in enumerate(taus)]
 
 
-def dare_mask(seed: int, model_index: int, key: str, shape, density: float) -> Tensor:
-    """Which entries DARE keeps: uniform(hash(seed, model, tensor, entry)) < density, a pure function of those."""
-    return hash_uniforms(seed, model_index, key, shape) < density
+def dare_mask(seed: int, model_index: int, key: str, shape, density: float, first: int = 0) -> Tensor:
+    """Which entries DARE keeps: uniform(hash(seed, model, tensor, entry)) < density, a pure function of those
+    (`first`: the flat index of the block's first entry in the whole tensor, see hash_uniforms)."""
+    return hash_uniforms(seed, model_index, key, shape, first) < density
 
 
-def hash_uniforms(seed: int, model_index: int, key: str, shape) -> Tensor:
+def hash_uniforms(seed: int, model_index: int, key: str, shape, first: int = 0) -> Tensor:
     """One uniform in (0, 1) per entry, float64 of `shape`, a pure function of (seed, model, tensor, entry): the
-    counter-based hash on the stream DARE and DELLA draw their drops from."""
+    counter-based hash on the stream DARE and DELLA draw their drops from. For a block of rows of a larger tensor,
+    `first` is the flat index of its first entry there, so the block draws what the whole tensor draws there."""
     numel = math.prod(shape)
     row = torch.tensor((zlib.crc32(key.encode()) ^ (model_index * 0x9E3779B1)) & 0xFFFFFFFF)
-    bits = hash32(seed, STREAM_DARE, row, torch.arange(numel, dtype=torch.int64))
+    bits = hash32(seed, STREAM_DARE, row, torch.arange(first, first + numel, dtype=torch.int64))
     return (((bits >> 8).to(torch.float64) + 0.5) / 16777216.0).reshape(shape)
 
 
@@ -130,12 +138,15 @@ def _global_thresholds(context, density: float) -> list[float]:
     edges = torch.linspace(*LOG_RANGE, HISTOGRAM_BINS + 1, dtype=torch.float64)[1:-1]
 
     def magnitudes(key):
-        """(model, bucket of each non-zero |τ| entry, those entries) for every model, the base read once."""
-        origin = base.get(key).double()
-        for m, source in enumerate(sources):
-            magnitude = (source.get(key).double() - origin).abs().flatten()
-            magnitude = magnitude[magnitude > 0]
-            yield m, torch.bucketize(torch.log(magnitude), edges.to(magnitude.device)), magnitude
+        """(model, bucket of each non-zero |τ| entry, those entries) for every model and block of rows (as the
+        formula is given them: counts add up, so blocks keep a large tensor's transients small), the base's block
+        read once."""
+        for rows in context.blocks(key):
+            origin = base.get(key, rows).double()
+            for m, source in enumerate(sources):
+                magnitude = (source.get(key, rows).double() - origin).abs().flatten()
+                magnitude = magnitude[magnitude > 0]
+                yield m, torch.bucketize(torch.log(magnitude), edges.to(magnitude.device)), magnitude
 
     counts = torch.zeros(M, HISTOGRAM_BINS, dtype=torch.int64)
     for key in keys:
