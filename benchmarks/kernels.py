@@ -1,6 +1,7 @@
 """Native kernels against their pure-PyTorch references and the physical floor measured in the same run.
 
-    python benchmarks/kernels.py [--device cpu|cuda] [--repeats R] [--quick]
+    python benchmarks/kernels.py [--device cpu|cuda] [--repeats R] [--quick] [--only KERNEL[,KERNEL...]]
+    python benchmarks/kernels.py --smoke     # every kernel on tiny shapes, memory probes included, prints only
 
 For each kernel and shape: reference and native time (median of interleaved repeats), speedup, achieved rate,
 the floor (fisher_linear: a torch GEMM of equal FLOPs; the memory-bound kernels: a torch sum that reads the
@@ -31,6 +32,11 @@ DENSE_SHAPES = [(32, 1 << 20, 1024), (32, 1 << 20, 4096)]  # (N, p, k)
 SKETCH_LINEAR_SHAPES = [(32, 48, 384, 1536, 16, 16), (32, 48, 1536, 384, 16, 16)]  # (N, T, in, out, k_out, k_in)
 COUNT_SHAPES = [(32, 48, 384, 1536, 4096), (32, 48, 1536, 384, 4096)]  # (N, T, in, out, k)
 DENSE_CHUNK = 1 << 14
+# --smoke: one tiny shape per kernel (and the padded linear case), every code path in seconds
+SMOKE_PLAN = [("fisher_linear", (4, 3, 16, 24, False)), ("fisher_linear", (4, 6, 16, 24, True)),
+              ("fisher_linear_bias", (4, 1, 16, 24, False)), ("fisher_linear_bias", (4, 6, 16, 24, True)),
+              ("fisher_embedding", (4, 6, 50, 8)), ("sketch_dense", (4, 1 << 15, 64)),
+              ("sketch_linear", (4, 6, 16, 24, 4, 4)), ("count_sketch_linear", (4, 6, 16, 24, 64))]
 
 
 def rademacher_from_torch(rows, cols, generator):
@@ -167,6 +173,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="3 repeats, no memory probes")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, memory probes, print only")
+    parser.add_argument("--only", help="comma-separated kernels to run (e.g. fisher_linear_bias,count_sketch_linear); "
+                        "a partial run prints its table and saves nothing")
     parser.add_argument("--memory-probe", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
@@ -181,6 +190,15 @@ def main(argv=None):
     plan += [("count_sketch_linear", s) for s in COUNT_SHAPES]
     if args.quick:
         plan = [(kernel, shape) for kernel, shape in plan if kernel != "sketch_dense" or shape[2] == 1024]
+    if args.smoke:
+        plan, repeats = SMOKE_PLAN, 1
+    if args.only:
+        chosen = set(args.only.split(","))
+        unknown = chosen - {kernel for kernel, _ in plan}
+        if unknown:
+            parser.error(f"--only: unknown kernel(s) {sorted(unknown)}; choose from "
+                         f"{sorted({kernel for kernel, _ in plan})}")
+        plan = [(kernel, shape) for kernel, shape in plan if kernel in chosen]
     rows = []
     for kernel, shape in plan:
         reference_call, native_call, floor_call, (work, unit) = calls(kernel, shape, device)
@@ -194,7 +212,7 @@ def main(argv=None):
             "rate": work / times["native"] * 1e-6, "unit": unit,  # work per ms -> giga per s
             "floor ms": times["floor"], "native / floor": times["native"] / times["floor"],
         }
-        if device.type == "cpu" and not args.quick and kernel.startswith("fisher"):
+        if device.type == "cpu" and not args.quick and kernel.startswith("fisher"):   # --smoke included
             probe = [kernel, "native", *shape]
             row["native peak extra MiB"] = h.peak_extra_bytes_in_subprocess(Path(__file__), probe) / 2**20
             probe[1] = "reference"
@@ -224,7 +242,7 @@ def main(argv=None):
             f"Rate: GFLOP/s, or GB/s of input read. Peak extra memory (Fisher kernels): resident bytes of one call "
             f"beyond those before it, in a fresh process after a warm-up call on a tiny input.\n\n"
             + copy_note + h.markdown_table(rows, columns))
-    if not args.quick:
+    if not (args.quick or args.smoke or args.only):
         name = "kernels_cpu" if device.type == "cpu" else h.slug(info["gpu"])
         h.save(name, {"machine": info, "repeats": repeats, "rows": rows}, text)
     else:

@@ -62,6 +62,36 @@ def test_left_padding_and_batch_split_give_the_same_fisher(kind):
     assert_fisher_close(decomp.compute_fisher(model, halves, kind="empirical", progress=False), expected)
 
 
+# bfloat16 against float32 on the same (bfloat16-representable) weights: the forward and backward passes round to
+# 8 bits of mantissa (eps = 2^-7), which compounds over the layers; the squares double the relative error. A few
+# percent of each tensor's norm, with a floor for the gradients that vanish in exact arithmetic (a key bias) and
+# in bfloat16 are rounding noise ~(eps * sum|G|)^2: a dropped use, or squares accumulated in bfloat16, is O(1).
+BF16_RELATIVE = 0.08
+BF16_FLOOR = 1e-4
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_bfloat16_model_keeps_its_rules_and_accumulates_in_float32(kind):
+    model16 = tiny(kind).to(torch.bfloat16)
+    model32 = tiny(kind).to(torch.bfloat16).float()      # the same weights, computed in float32
+    batch = padded_batch(kind, LENGTHS)
+    fisher16 = decomp.compute_fisher(model16, [batch], kind="empirical", progress=False)
+    fisher32 = decomp.compute_fisher(model32, [batch], kind="empirical", progress=False)
+    assert not [rule for rule in fisher16.coverage.values() if rule.startswith("fallback")]  # the audit keeps them
+    assert all(t.dtype == torch.float32 for t in fisher16.values())
+    assert all(p.dtype == torch.bfloat16 for p in model16.parameters())                     # the model is untouched
+    scale = max(float(t.abs().max()) for t in fisher32.values())
+    for name, ref in fisher32.items():
+        error = float((fisher16[name] - ref).norm())
+        assert error <= BF16_RELATIVE * float(ref.norm()) + BF16_FLOOR * scale * ref.numel() ** 0.5, \
+            f"{name}: error {error:.3g}, float32 norm {float(ref.norm()):.3g}"
+    # sums in float32: the mean over 16 copies of the batch is the batch's own to float32 rounding (sums kept in
+    # bfloat16 would drift by ~eps = 0.8% as they grow)
+    repeated = decomp.compute_fisher(model16, [batch] * 16, kind="empirical", progress=False)
+    for name, once in fisher16.items():
+        torch.testing.assert_close(repeated[name], once, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_coverage_names_every_parameter_and_its_rule():
     gpt2 = decomp.coverage(tiny("gpt2"))
     assert gpt2["transformer.wte.weight"] == "embedding+linear"      # tied with lm_head, summed before squaring

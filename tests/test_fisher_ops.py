@@ -272,3 +272,30 @@ def test_cuda_view_is_dispatched_to_cuda_or_refused_clearly():
     with pytest.raises(ValueError, match="one device"):
         _C.fisher_linear(A, fake_cuda_g, None, None, view(out_tensor), 1, 0)
     assert (out_tensor == 0).all()
+
+
+def test_eager_calls_skip_the_dispatcher_and_traced_calls_do_not():
+    """Plain calls run the implementation directly (the dispatcher's cost is most of a small call's); under a
+    dispatch mode (as under tracing) the registered op is called, with the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(8)
+    A, G = torch.randn(4, 3, 6, generator=g), torch.randn(4, 3, 5, generator=g)
+    lengths = torch.tensor([3, 0, 1, 2])
+    eager = ops.fisher_linear_bias(G, lengths=lengths), ops.fisher_linear(A, G, lengths=lengths)
+    assert torch.equal(eager[0], torch.ops.decomp.fisher_linear_bias(G, lengths, None))
+    assert torch.equal(eager[1], torch.ops.decomp.fisher_linear(A, G, lengths, None))
+    with Seen() as mode:
+        seen = ops.fisher_linear_bias(G, lengths=lengths), ops.fisher_linear(A, G, lengths=lengths)
+    assert any("fisher_linear_bias" in op for op in mode.ops) and any(op.startswith("decomp.fisher_linear.")
+                                                                         for op in mode.ops)
+    assert all(torch.equal(a, b) for a, b in zip(seen, eager))

@@ -51,6 +51,23 @@ def test_features_equal_reference_sketch_of_autograd_gradients(kind):
         assert sketch.labels is None and sketch.predictions is None
 
 
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_bfloat16_model_is_sketched_in_float32(kind):
+    """A bfloat16 model keeps its rules (the audit allows bfloat16 rounding) and its rows match the float32
+    model's on the same weights to bfloat16 accuracy (a few percent of each block's norm, see test_fisher.py)."""
+    model16 = tiny(kind).to(torch.bfloat16)
+    model32 = tiny(kind).to(torch.bfloat16).float()
+    batch = padded_batch(kind, LENGTHS)
+    sketch16 = decomp.sketch_gradients(model16, [batch], output="logprob", progress=False, seed=3, **SMALL)
+    sketch32 = decomp.sketch_gradients(model32, [batch], output="logprob", progress=False, seed=3, **SMALL)
+    assert sketch16.features.dtype == torch.float32
+    assert not [rule for rule in sketch16.coverage.values() if rule.startswith("fallback")]
+    for block in sketch32.blocks:
+        got = sketch16.features[:, block["start"]:block["start"] + block["size"]]
+        want = sketch32.features[:, block["start"]:block["start"] + block["size"]]
+        assert float((got - want).norm()) <= 0.05 * float(want.norm()) + 1e-6, block["name"]
+
+
 def test_second_stage_and_batch_split():
     model = tiny("bert")
     batch = padded_batch("bert", LENGTHS)

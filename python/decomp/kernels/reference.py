@@ -201,8 +201,8 @@ def tensor_sketch_from_counts(count_g: Tensor, count_a: Tensor, k: int) -> Tenso
     """sum_t CS_out(g_t) circularly convolved with CS_in(a_t), by FFT: [N, T, k] x2 -> [N, k]."""
     if count_g.numel() == 0:  # MKL's FFT rejects empty batches
         return count_g.new_zeros(count_g.shape[0], k)
-    spectrum = (torch.fft.rfft(count_g, dim=2) * torch.fft.rfft(count_a, dim=2)).sum(1)
-    return torch.fft.irfft(spectrum, n=k, dim=1)
+    spectrum = torch.fft.rfft(count_g, dim=2).mul_(torch.fft.rfft(count_a, dim=2))   # in place: no third buffer
+    return torch.fft.irfft(spectrum.sum(1), n=k, dim=1)
 
 
 def count_sketch_linear(A: Tensor, G: Tensor, *, k: int, seed: int, lengths: Optional[Tensor] = None) -> Tensor:
