@@ -286,3 +286,13 @@ def test_decompose_never_deletes_a_folder_beside_its_output(tmp_path, capsys):
     assert cli.main([*arguments[:-2], "-r", "3", "-o", str(out), "--overwrite"]) == 0, capsys.readouterr().err
     assert decomp.Components.load(out / "components.safetensors").n_components == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["components", "components.partial", "store"]
+
+
+def test_an_in_memory_models_fingerprint_sees_dtype_and_shape():
+    from decomp.merging.sources import Source
+    weight = torch.arange(12, dtype=torch.float32)
+    as_matrix = Source({"w": weight.reshape(3, 4)}, "a").fingerprint()
+    as_other_matrix = Source({"w": weight.reshape(4, 3)}, "b").fingerprint()
+    as_ints = Source({"w": weight.view(torch.int32)}, "c").fingerprint()
+    assert len({as_matrix, as_other_matrix, as_ints}) == 3
+    assert Source({"w": weight.reshape(3, 4).clone()}, "d").fingerprint() == as_matrix

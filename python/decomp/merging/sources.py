@@ -58,8 +58,10 @@ class Source:
                         digest.update(block)
             return digest.hexdigest()
         for key in sorted(self.keys):
-            digest.update(key.encode())
-            digest.update(self.get(key).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            tensor = self.get(key).detach().cpu().contiguous()
+            # the same bytes read as another dtype or shape are another model
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
 
