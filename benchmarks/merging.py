@@ -1,18 +1,20 @@
-"""The paper-style merging table: six real tasks, one MiniLM start, every method of decomp.merge, coefficients
-chosen on validation, 95% bootstrap intervals on every number.
+"""The paper-style merging table: eight real tasks, one MiniLM start fine-tuned with several seeds, every method of
+decomp.merge that takes several models, coefficients chosen on validation, paired 95% bootstrap intervals.
 
-    python benchmarks/merging.py [--workdir benchmarks/.cache/merging]
+    python benchmarks/merging.py [--seeds 0 1 2] [--workdir benchmarks/.cache/merging]
 
-Fine-tuned models are cached in the workdir, so an interrupted run resumes without re-training. Writes
-benchmarks/results/merging.{md,json} and merging.png.
+Fine-tuned models are cached per seed in the workdir, and so is each finished seed's analysis (seed<N>/analysis.json,
+reused unless --rerun), so an interrupted run resumes, and seeds can run one at a time. The first
+seed runs every candidate; the later ones run the published baselines, ours, averaging and RegMean (the Fisher
+merges' statistics cost more than all the other merges together) unless --all-methods. Writes benchmarks/results/merging.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,78 +23,188 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-BOOTSTRAP = 1000
+BOOTSTRAP = 2000
+INDIVIDUAL = "each fine-tuned model alone"
+# the published methods ours must beat; the best of them on validation is "the best baseline" of a seed
+BASELINES = ("task arithmetic", "TIES (top 20%, global trim)", "TSV-M", "Iso-C", "Iso-CTS (common 80%)")
+OURS = ("data-subspace TSV (ours)", "data-subspace TSV, isotropic (ours)")
 
 
-def intervals(correct: dict, individual: dict, names: list, seed: int = 0) -> dict:
-    """95% percentile intervals of each task's accuracy and of the mean normalised accuracy (paired with the
-    individual models on the same resampled test examples)."""
-    rng = np.random.default_rng(seed)
-    samples = {name: [] for name in names}
-    normalised = []
+def normalised_samples(correct: dict, individual: dict, names: list, rng) -> np.ndarray:
+    """[BOOTSTRAP] mean over tasks of accuracy / the fine-tuned model's accuracy, each task's test examples resampled
+    (the same draws for every method, so differences between methods are paired)."""
     draws = {name: rng.integers(0, len(correct[name]), (BOOTSTRAP, len(correct[name]))) for name in names}
-    for b in range(BOOTSTRAP):
-        ratios = []
-        for name in names:
-            picked = draws[name][b]
-            accuracy = correct[name][picked].mean()
-            samples[name].append(accuracy)
-            ratios.append(accuracy / max(individual[name][picked].mean(), 1e-9))
-        normalised.append(np.mean(ratios))
-    result = {name: np.percentile(values, [2.5, 97.5]).tolist() for name, values in samples.items()}
-    result["normalised mean"] = np.percentile(normalised, [2.5, 97.5]).tolist()
-    result["normalised samples"] = np.array(normalised)
-    return result
+    ratios = [correct[n][draws[n]].mean(1) / np.maximum(individual[n][draws[n]].mean(1), 1e-9) for n in names]
+    return np.mean(ratios, axis=0)
+
+
+def task_intervals(correct: dict, names: list, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {n: np.percentile(correct[n][rng.integers(0, len(correct[n]), (BOOTSTRAP, len(correct[n])))].mean(1),
+                             [2.5, 97.5]) for n in names}
+
+
+def analyse_seed(results: dict, correct: dict, names: list, seed: int) -> dict:
+    """Per row: test accuracy per task, normalised mean, its interval, and its paired difference to the seed's best
+    baseline (chosen on validation)."""
+    rows = results["merging"]["rows"]
+    correct = {label: {n: correct[label][n].numpy().astype(float) for n in names} for label in correct}
+    samples = {label: normalised_samples(correct[label], correct[INDIVIDUAL], names, np.random.default_rng(seed))
+               for label in correct}
+    baselines = [r for r in rows if r["label"] in BASELINES]
+    best = max(baselines, key=lambda r: r["validation mean"])
+    analysed = {}
+    for row in rows:
+        difference = samples[row["label"]] - samples[best["label"]]
+        spans = task_intervals(correct[row["label"]], names, seed)
+        analysed[row["label"]] = {
+            "method": row["method"], "chosen": row["chosen"], "parameters": row["parameters"],
+            "validation mean": row.get("validation mean"), "normalised mean": row["normalised mean"],
+            "normalised interval": np.percentile(samples[row["label"]], [2.5, 97.5]).tolist(),
+            "vs best baseline": float(np.mean(difference)),
+            "vs best baseline interval": np.percentile(difference, [2.5, 97.5]).tolist(),
+            "difference samples": difference,
+            **{n: {"accuracy": row[n], "interval": spans[n].tolist()} for n in names}}
+    return {"best baseline": best["label"], "rows": analysed, "tasks": results["merging"]["tasks"],
+            "timings": results["timings"]}
+
+
+def across_seeds(seeds: dict) -> dict:
+    """Per row present in every seed: the seeds' normalised means, their mean, and the seed-averaged difference to
+    each seed's best baseline with its 95% interval (test examples resampled independently within each seed)."""
+    labels = [label for label in next(iter(seeds.values()))["rows"] if all(label in s["rows"] for s in seeds.values())]
+    summary = {}
+    for label in labels:
+        rows = [s["rows"][label] for s in seeds.values()]
+        averaged = np.mean([r["difference samples"] for r in rows], axis=0)
+        summary[label] = {"normalised means": [r["normalised mean"] for r in rows],
+                          "mean": float(np.mean([r["normalised mean"] for r in rows])),
+                          "vs best baseline": float(np.mean(averaged)),
+                          "vs best baseline interval": np.percentile(averaged, [2.5, 97.5]).tolist(),
+                          "above zero in seeds": sum(r["vs best baseline interval"][0] > 0 for r in rows)}
+    return summary
+
+
+def verdict(low: float, high: float) -> str:
+    return "better" if low > 0 else "worse" if high < 0 else "tie"
+
+
+def span(pair) -> str:
+    return f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
+
+
+def render(seeds: dict, summary: dict, names: list, info: dict, wall: float, sizes: dict) -> str:
+    first_seed, first = next(iter(seeds.items()))
+    order = sorted(summary, key=lambda label: -summary[label]["mean"])
+    seed_columns = [f"seed {s}" for s in seeds]
+    overview = [{"label": label, **{f"seed {s}": f"{seeds[s]['rows'][label]['normalised mean']:.3f}" for s in seeds},
+                 "mean over seeds": f"{summary[label]['mean']:.3f}",
+                 "vs best baseline (seed mean)": f"{summary[label]['vs best baseline']:+.3f} "
+                                                 f"{span(summary[label]['vs best baseline interval'])}",
+                 "verdict": verdict(*summary[label]["vs best baseline interval"]),
+                 "seeds above zero": f"{summary[label]['above zero in seeds']}/{len(seeds)}"} for label in order]
+    detail = []
+    for label, row in first["rows"].items():
+        detail.append({"label": label, "method": row["method"], "chosen": row["chosen"],
+                       **{n: f"{row[n]['accuracy']:.3f} [{row[n]['interval'][0]:.3f}, {row[n]['interval'][1]:.3f}]"
+                          for n in names},
+                       "normalised mean": f"{row['normalised mean']:.3f} [{row['normalised interval'][0]:.3f}, "
+                                          f"{row['normalised interval'][1]:.3f}]",
+                       "vs best baseline": f"{row['vs best baseline']:+.3f} {span(row['vs best baseline interval'])}"})
+    best = ", ".join(f"seed {s}: {v['best baseline']}" for s, v in seeds.items())
+    timing = "; ".join(f"seed {s}: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seed["timings"].items())
+                       for s, seed in seeds.items())
+    return (f"# Merging benchmark\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}; wall "
+            f"time {wall / 60:.0f} min over the seeds ({timing}), on a machine shared with other jobs."
+            f"\n\nall-MiniLM-L6-v2 fine-tuned separately on each of {len(names)} tasks ({sizes['epochs']} epochs, "
+            f"learning rate {sizes['learning_rate']}, word embeddings frozen), once per seed (the seed sets the heads' "
+            f"initialisation and the data order; the splits are fixed); the encoders merged, each task keeping its own"
+            f" head. Every coefficient is chosen on validation examples (the first {sizes.get('selection', 'all')} of "
+            f"each task's validation split; mean accuracy over tasks), never on test. "
+            f"'normalised' is the mean over tasks of test accuracy / the fine-tuned model's. Intervals: 95% paired "
+            f"bootstrap ({BOOTSTRAP} resamples of each test set). The best baseline of a seed is the best on "
+            f"validation of {', '.join(BASELINES)} ({best}); 'vs best baseline' is the paired difference of normalised"
+            f" means. Over seeds, the differences are averaged (each seed's test examples resampled independently).\n\n"
+            + h.markdown_table(first["tasks"], ["name", "description", "train", "validation", "test"])
+            + "\n## Every seed\n\n"
+            + h.markdown_table(overview, ["label", *seed_columns, "mean over seeds", "vs best baseline (seed mean)",
+                                          "seeds above zero", "verdict"])
+            + f"\nFigure: merging.png (normalised accuracy per seed).\n\n## Seed {first_seed}, per task\n\n"
+            + h.markdown_table(detail, ["label", "method", "chosen", *names, "normalised mean", "vs best baseline"]))
+
+
+def plot(seeds: dict, summary: dict, path: Path) -> None:
+    from decomp.analysis.plots import _pyplot
+    plt = _pyplot()
+    order = sorted(summary, key=lambda label: summary[label]["mean"])
+    figure, axis = plt.subplots(figsize=(8, 0.38 * len(order) + 1.2))
+    for y, label in enumerate(order):
+        values = summary[label]["normalised means"]
+        colour = "#c44e52" if label in OURS else "#4c72b0" if label in BASELINES else "#8c8c8c"
+        axis.barh(y, summary[label]["mean"], color=colour, alpha=0.35)
+        axis.scatter(values, [y] * len(values), color=colour, s=14, zorder=3)
+    axis.set_yticks(range(len(order)), order)
+    axis.axvline(1.0, color="#dd8452", linestyle="--")
+    axis.set_xlabel("test accuracy / the fine-tuned model's, mean over tasks (bars: mean over seeds; dots: seeds)")
+    axis.set_xlim(0.5, 1.02)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def run_seed(workdir: Path, seed: int, all_methods: bool, quick: bool) -> tuple:
+    """(results, test correctness per row and task, task names, sizes) of one seed's fine-tunes and merges; saved
+    beside them (results.json, correct.pt), so that the analysis can be redone without merging again."""
+    import torch
+    from decomp.app.candidates import BENCHMARK_CANDIDATES
+    from decomp.app.demo import BENCHMARK, BENCHMARK_TASKS, Demo
+    folder = workdir / f"seed{seed}"
+    names = [t.name for t in BENCHMARK_TASKS]
+    if (folder / "correct.pt").exists():
+        results = json.loads((folder / "results.json").read_text())
+        return results, torch.load(folder / "correct.pt"), names, results["sizes"]
+    contenders = [c for c in BENCHMARK_CANDIDATES if c.label in BASELINES + OURS + ("average", "RegMean")]
+    demo = Demo(folder, quick=quick, tasks=BENCHMARK_TASKS, decompose=False, seed=seed,
+                sizes=None if quick else BENCHMARK, candidates=BENCHMARK_CANDIDATES if all_methods else contenders)
+    results = demo.run()
+    torch.save(demo.correct, folder / "correct.pt")
+    return results, demo.correct, names, demo.sizes
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "merging")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--all-methods", action="store_true", help="the Fisher merges in every seed, not the first")
+    parser.add_argument("--rerun", action="store_true", help="merge and score again the seeds already analysed")
+    parser.add_argument("--quick", action="store_true", help="the quick demo's sizes, results under the workdir only "
+                        "(a smoke test of the script)")
     args = parser.parse_args()
-    from decomp.app.demo import BENCHMARK_TASKS, FULL, Demo
-    start = time.perf_counter()
-    demo = Demo(args.workdir, quick=False, tasks=BENCHMARK_TASKS, decompose=False)
-    results = demo.run()
-    wall = time.perf_counter() - start
-    names = [t.name for t in BENCHMARK_TASKS]
-    correct = {method: {n: demo.correct[method][n].numpy().astype(float) for n in names} for method in demo.correct}
-    individual = correct["each fine-tuned model alone"]
-    rows = results["merging"]["rows"]
-    # rows are keyed by their label (several rows share a method id: the three Fishers, the two component merges)
-    spans = {row["label"]: intervals(correct[row["label"]], individual, names) for row in rows}
-    best = max((r for r in rows if r["method"] != "fine_tuned"), key=lambda r: r["normalised mean"])
-    for row in rows:
-        span = spans[row["label"]]
-        for name in names:
-            row[name] = f"{row[name]:.3f} [{span[name][0]:.3f}, {span[name][1]:.3f}]"
-        low, high = span["normalised mean"]
-        difference = span["normalised samples"] - spans[best["label"]]["normalised samples"]
-        tie = np.percentile(difference, 2.5) <= 0 <= np.percentile(difference, 97.5)
-        row["normalised mean"] = f"{row['normalised mean']:.3f} [{low:.3f}, {high:.3f}]"
-        row["vs best merge"] = "best" if row is best else ("tie" if tie else "worse" if np.mean(difference) < 0
-                                                              else "better")
+    seeds = {}
+    for index, seed in enumerate(args.seeds):
+        cached = args.workdir / f"seed{seed}" / "analysis.json"
+        if cached.exists() and not args.rerun:
+            seeds[seed] = json.loads(cached.read_text())
+        else:
+            results, correct, names, sizes = run_seed(args.workdir, seed, args.all_methods or index == 0, args.quick)
+            seeds[seed] = {**analyse_seed(results, correct, names, seed), "names": names, "sizes": sizes}
+            cached.write_text(json.dumps(seeds[seed], default=lambda a: np.asarray(a).tolist()))
+        for row in seeds[seed]["rows"].values():
+            row["difference samples"] = np.asarray(row["difference samples"])
+    names, sizes = seeds[args.seeds[0]]["names"], seeds[args.seeds[0]]["sizes"]
+    summary = across_seeds(seeds)
     info = h.machine()
-    tasks = results["merging"]["tasks"]
-    columns = ["label", "method", "chosen", *names, "normalised mean", "vs best merge"]
-    text = (f"# Merging benchmark\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}; wall time "
-            f"{wall / 60:.0f} min ("
-            + ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in results["timings"].items())
-            + "; fine-tuned models cached from an earlier run are not re-trained).\n\n"
-            f"all-MiniLM-L6-v2 fine-tuned separately on each task ({FULL['epochs']} epochs, learning rate "
-            f"{FULL['learning_rate']}, word embeddings frozen); the encoders merged, each task keeping its own head. "
-            f"Coefficients chosen on the validation split (mean accuracy over tasks), never on test. Test accuracy with "
-            f"95% bootstrap intervals ({BOOTSTRAP} resamples); 'normalised mean' is the mean over tasks of accuracy / "
-            f"the fine-tuned model's, resampled paired with it; 'vs best merge' is a tie when the paired interval of "
-            f"the difference to the best merge contains 0. Fisher merges use {FULL['fisher']} training examples per "
-            f"task; components use each model's top principal components of sketched gradients.\n\n"
-            + h.markdown_table(tasks, ["name", "description", "train", "validation", "test"]) + "\n"
-            + h.markdown_table(rows, columns)
-            + "\n![normalised accuracy](merging.png)\n")
-    import shutil
-    shutil.copy(demo.figures["merging"], h.RESULTS / "merging.png")
+    wall = sum(sum(seed["timings"].values()) for seed in seeds.values())
+    text = render(seeds, summary, names, info, wall, sizes)
+    if args.quick:
+        h.RESULTS = args.workdir
+    plot(seeds, summary, h.RESULTS / "merging.png")
     print(text)
-    h.save("merging", {"machine": info, "wall_seconds": wall, "tasks": tasks,
-                       "rows": rows, "timings": results["timings"]}, text)
+    for seed in seeds.values():
+        for row in seed["rows"].values():
+            row.pop("difference samples")
+    h.save("merging", json.loads(json.dumps({"machine": info, "seeds": seeds, "summary": summary},
+                                            default=lambda a: np.asarray(a).tolist())), text)
 
 
 if __name__ == "__main__":

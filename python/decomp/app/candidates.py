@@ -53,6 +53,13 @@ CANDIDATES = [
               TASK_VECTORS),
     Candidate("DARE-TIES (keep 30%)", "dare_ties", {"density": 0.3, "seed": 0}, "scale", "mean grid", TASK_VECTORS),
     Candidate("RegMean", "regmean", search="alpha", values=(0.5, 0.9, 1.0), inputs={"grams": "grams"}),
+    Candidate("TSV-M", "tsv", search="scale", values="svd grid", inputs=TASK_VECTORS),
+    Candidate("Iso-C", "iso_c", search="scale", values="iso grid", inputs=TASK_VECTORS),
+    Candidate("Iso-CTS (common 80%)", "iso_cts", search="scale", values="iso grid", inputs=TASK_VECTORS),
+    Candidate("data-subspace TSV (ours)", "data_tsv", search="scale", values="svd grid",
+              inputs={**TASK_VECTORS, "grams": "grams"}),
+    Candidate("data-subspace TSV, isotropic (ours)", "data_tsv", {"isotropic": True}, "scale", "iso grid",
+              {**TASK_VECTORS, "grams": "grams"}),
     *[Candidate(f"Fisher ({kind})", "fisher", search="normalize", values=tuple(SCALINGS),
                 inputs={"fishers": f"fisher {kind}"}) for kind in FISHER_KINDS],
     *[Candidate(f"components ({label} per model)", "components", search="normalize", values=tuple(SCALINGS),
@@ -60,3 +67,14 @@ CANDIDATES = [
       for label, chosen in (("top 2 of 8", (0, 1)), ("all 8", tuple(range(8))))],
 ]
 COMPONENTS = 8   # components per model behind the component Fishers
+
+# the merging benchmark runs every method that takes several models once (SLERP takes two: not here), the Fisher
+# merges with the empirical Fisher only (the exact one costs a backward pass per class: 21 for chatterbot_topics)
+BENCHMARK_CANDIDATES = [c for c in CANDIDATES if c.label not in ("Fisher (exact)", "Fisher (sampled)",
+                                                                 "components (all 8 per model)")] + [
+    Candidate("Breadcrumbs (keep 90%, drop top 1%)", "breadcrumbs", {"density": 0.9, "gamma": 0.01}, "scale",
+              "sum grid", TASK_VECTORS),
+    Candidate("DELLA (keep 70% ± 7%)", "della", {"density": 0.7, "epsilon": 0.07, "seed": 0}, "scale", "mean grid",
+              TASK_VECTORS),
+    Candidate("Model Stock", "model_stock", inputs=TASK_VECTORS),
+]

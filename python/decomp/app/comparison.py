@@ -33,7 +33,7 @@ class Comparison:
     (texts, labels). Each fine-tune is loaded while its statistics and its own score are taken, and let go; one
     of them then evaluates every merge, its head swapped per task."""
 
-    def __init__(self, tasks, folders: dict, tokenizer, data: dict, sizes: dict, stages):
+    def __init__(self, tasks, folders: dict, tokenizer, data: dict, sizes: dict, stages, candidates=None):
         self.tasks, self.names = tasks, [task.name for task in tasks]
         self.folders = {name: str(folders[name]) for name in self.names}
         self.tokenizer, self.data, self.sizes, self.stages = tokenizer, data, sizes, stages
@@ -41,6 +41,8 @@ class Comparison:
         self.evaluator = None
         self.correct: dict = {}   # row label -> task -> [N] bool of the test split (for bootstrap intervals)
         self.rows: list = []
+        self.candidates = list(CANDIDATES if candidates is None else candidates)
+        self.needed = {name for candidate in self.candidates for name in candidate.inputs.values()}
 
     def load(self, name: str):
         from transformers import BertForSequenceClassification
@@ -52,7 +54,7 @@ class Comparison:
             with self.stages("individual models and the pre-trained encoder"):
                 self.rows = self.baselines(statistics["base"])
             with self.stages("merging with every method (coefficients chosen on validation)"):
-                self.rows += [self.search(candidate, statistics) for candidate in CANDIDATES]
+                self.rows += [self.search(candidate, statistics) for candidate in self.candidates]
         individual = self.rows[0]
         for row in self.rows:
             row["normalised mean"] = float(np.mean([row[n] / individual[n] for n in self.names]))
@@ -70,17 +72,19 @@ class Comparison:
                 for i in range(0, self.sizes["fisher"], BATCH)]
 
     def statistics(self, work: Path) -> dict:
-        """statistic name -> one per model: Fishers of each kind, Grams, component Fishers; and the base's file."""
+        """statistic name -> one per model: Fishers of each kind, Grams, component Fishers (those the candidates
+        need); and the base's file."""
         import decomp
         from transformers import BertForSequenceClassification
         base = BertForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=2).state_dict()
         found = {"base": str(StoredTensors.write(base, work / "base.safetensors").path), "grams": [],
                  "component fishers": [], **{f"fisher {kind}": [] for kind in FISHER_KINDS}}
         del base
-        with self.stages("Fisher files (exact, sampled, empirical) and Gram matrices"):
+        kinds = [kind for kind in FISHER_KINDS if f"fisher {kind}" in self.needed]
+        with self.stages(f"Fisher files ({', '.join(kinds) or 'none needed'}) and Gram matrices"):
             for name in self.names:
                 model, batches = self.load(name), self.batches(name)
-                for kind in FISHER_KINDS:
+                for kind in kinds:
                     path = decomp.compute_fisher(model, batches, kind=kind, progress=False).save(
                         work / f"{name}-fisher-{kind}.safetensors")
                     found[f"fisher {kind}"].append(StoredTensors(path))
@@ -88,6 +92,8 @@ class Comparison:
                     grams = decomp.collect_grams(model, batches, progress=False)
                 found["grams"].append(StoredTensors.write(grams, work / f"{name}-grams.safetensors"))
                 del grams
+        if "component fishers" not in self.needed:
+            return found
         with self.stages("component Fishers (PCA of each model's sketched gradients, second pass)"):
             for name in self.names:
                 found["component fishers"].append(self.component_fishers(name, work))
@@ -121,7 +127,10 @@ class Comparison:
         result = {}
         for name in self.names:
             self.evaluator.classifier = self.heads[name]
-            right = correct(self.evaluator, self.tokenizer, *self.data[name][split], max_length=MAX_LENGTH)
+            texts, labels = self.data[name][split]
+            if split == "validation":   # the coefficients may be chosen on the split's first examples only
+                texts, labels = texts[:self.sizes.get("selection")], labels[:self.sizes.get("selection")]
+            right = correct(self.evaluator, self.tokenizer, texts, labels, max_length=MAX_LENGTH)
             if split == "test":
                 self.correct.setdefault(label, {})[name] = right
             result[name] = float(right.float().mean())
@@ -144,26 +153,44 @@ class Comparison:
                  **self.score(encoder_of(StoredTensors(base)), "test", pre_trained)}]
 
     def search(self, candidate, statistics: dict) -> dict:
-        """The candidate's options merged and scored on validation; the best one scored on test."""
+        """The candidate's options scored on validation; the best one scored on test."""
         import decomp
         options = candidate.options(self.sizes, len(self.names))
         inputs = {keyword: statistics[name] for keyword, name in candidate.inputs.items()}
         models = [self.folders[name] for name in self.names]
+
+        def merged(parameters: dict) -> dict:
+            return encoder_of(decomp.merge(models, method=candidate.method, heads="per_task", **inputs, **parameters))
+
         best = None
-        for parameters in options:
-            state = decomp.merge(models, method=candidate.method, heads="per_task", **inputs, **parameters)
-            validation = float(np.mean(list(self.score(encoder_of(state), "validation").values())))
+        for parameters, encoder in self.tried(candidate, options, merged, statistics["base"]):
+            validation = float(np.mean(list(self.score(encoder, "validation").values())))
             if best is None or validation > best[0]:
-                best = (validation, parameters, state)
-            del state
-        validation, parameters, state = best
+                best = (validation, parameters, encoder)
+            del encoder
+        validation, parameters, encoder = best
         row = {"label": candidate.label, "method": candidate.method, "parameters": parameters,
                "chosen": candidate.describe(parameters, options), "baseline": False, "validation mean": validation,
-               **self.score(encoder_of(state), "test", candidate.label), "peak_memory_mib": self.stages.lap()}
+               **self.score(encoder, "test", candidate.label), "peak_memory_mib": self.stages.lap()}
         self.stages.log(f"{self.stages.prefix}  {' '.join(filter(None, (candidate.label, row['chosen'])))}: "
                         f"validation mean {validation:.3f}"
                         + ("" if row["peak_memory_mib"] is None else f", peak {row['peak_memory_mib']:.0f} MiB"))
         return row
+
+    @staticmethod
+    def tried(candidate, options: list, merged, base: str):
+        """(parameters, encoder) of every option, made one at a time. A method whose `scale` is the one searched
+        gives θ_0 + scale·Δ, so it is merged once (scale 1) and every scale tried is that merge rescaled, equal to
+        merging at that scale up to float32 rounding (the SVD merges of eight models take a minute each here)."""
+        if candidate.search != "scale":
+            yield from ((parameters, merged(parameters)) for parameters in options)
+            return
+        unit = merged({**options[0], "scale": 1.0})
+        start = encoder_of(StoredTensors(base))
+        for parameters in options:
+            scale = parameters["scale"]
+            yield parameters, {key: start[key] + scale * (value - start[key]) if key in start else value
+                               for key, value in unit.items()}
 
     def plot(self, path: Path) -> Path:
         """Bars of each row's normalised mean accuracy."""

@@ -23,11 +23,11 @@ from . import assets
 from .comparison import Comparison
 from .memory import Stages, release_freed_memory
 from .report import render_html, render_markdown, rerender
-from .tasks import BENCHMARK_TASKS, FULL, QUICK, TASKS, Task, splits
+from .tasks import BENCHMARK, BENCHMARK_TASKS, FULL, QUICK, TASKS, Task, splits
 
 # the benchmarks and tutorials import these from here
-__all__ = ["Demo", "run_demo", "TASKS", "BENCHMARK_TASKS", "FULL", "QUICK", "Task", "splits", "render_markdown",
-           "render_html", "rerender"]
+__all__ = ["Demo", "run_demo", "TASKS", "BENCHMARK_TASKS", "BENCHMARK", "FULL", "QUICK", "Task", "splits",
+           "render_markdown", "render_html", "rerender"]
 
 # what a demo folder holds: a later run reuses the fine-tunes in models/ and rewrites the rest
 OUTPUTS = ("models", "figures", "results.json", "results.md", "report.html")
@@ -35,11 +35,13 @@ OUTPUTS = ("models", "figures", "results.json", "results.md", "report.html")
 
 class Demo:
     def __init__(self, out: Path, quick: bool, progress: bool = True, log=print, tasks=None, sizes=None,
-                 decompose: bool = True):
+                 decompose: bool = True, seed: int = 0, candidates=None):
         self.out, self.quick, self.progress, self.log = Path(out), quick, progress, log
         self.tasks = list(tasks or TASKS)
         self.sizes = dict(sizes or (QUICK if quick else FULL))
         self.with_decomposition = decompose
+        self.seed = seed              # the fine-tunes' seed (their heads' initialisation and data order)
+        self.candidates = candidates  # the merges compared (None: candidates.CANDIDATES)
         self.stages = Stages(log, prefix="[decomp demo] ")
         self.correct: dict = {}   # row label -> task -> [N] bool of the test split (for bootstrap intervals)
         self.figures: dict = {}
@@ -59,13 +61,15 @@ class Demo:
 
         from .finetune import fine_tune_classifier
         folder = self.out / "models" / (f"{task.name}-{self.sizes['train']}-{self.sizes['epochs']}-"
-                                        f"{self.sizes['learning_rate']}")
+                                        f"{self.sizes['learning_rate']}" + (f"-seed{self.seed}" if self.seed else ""))
         if (folder / "config.json").exists():
             return BertForSequenceClassification.from_pretrained(folder).eval(), folder
         tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
+        torch.manual_seed(self.seed)
         model = BertForSequenceClassification.from_pretrained(assets.minilm_path(), num_labels=len(task.labels))
         fine_tune_classifier(model, tokenizer, *data["train"], epochs=self.sizes["epochs"],
-                             learning_rate=self.sizes["learning_rate"], progress=self.progress)
+                             learning_rate=self.sizes["learning_rate"], seed=self.seed,
+                             progress=self.progress)
         partial = folder.with_name(folder.name + ".partial")
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
@@ -89,7 +93,7 @@ class Demo:
         decomposition = self.decompose(tuned["rotten_tomatoes"][0], tokenizer) if self.with_decomposition else None
         folders = {name: folder for name, (_, folder) in tuned.items()}
         del tuned   # the comparison reads each fine-tune from its folder when it needs it
-        comparison = Comparison(self.tasks, folders, tokenizer, data, self.sizes, self.stages)
+        comparison = Comparison(self.tasks, folders, tokenizer, data, self.sizes, self.stages, self.candidates)
         merging = comparison.run()
         self.correct = comparison.correct
         self.figures["merging"] = comparison.plot(self.out / "figures" / "merging.png")

@@ -48,18 +48,24 @@ def fine_tune_classifier(model, tokenizer, texts: Sequence[str], labels: Sequenc
 @torch.no_grad()
 def predict(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 64,
             hidden: bool = False):
-    """Predicted classes [N] (and, with hidden=True, the final [CLS] hidden states [N, d])."""
+    """Predicted classes [N] (and, with hidden=True, the final [CLS] hidden states [N, d]), in the order of
+    `texts`. Batches are formed from texts of similar length (sorted by characters), so little is padding."""
     model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     predictions, states = [], []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+        batch = tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True, truncation=True,
                           max_length=max_length, return_tensors="pt")
         out = model(**batch, output_hidden_states=hidden)
         predictions.append(out.logits.argmax(-1))
         if hidden:
             states.append(out.hidden_states[-1][:, 0])
-    predictions = torch.cat(predictions)
-    return (predictions, torch.cat(states)) if hidden else predictions
+    inverse = torch.empty(len(texts), dtype=torch.long)
+    inverse[torch.as_tensor(order, dtype=torch.long)] = torch.arange(len(texts))
+    predictions = torch.cat(predictions)[inverse] if len(texts) else torch.empty(0, dtype=torch.long)
+    if not hidden:
+        return predictions
+    return predictions, (torch.cat(states)[inverse] if len(texts) else torch.empty(0))
 
 
 def correct(model, tokenizer, texts: Sequence[str], labels: Sequence[int], **options) -> torch.Tensor:

