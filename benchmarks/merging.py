@@ -3,10 +3,11 @@ decomp.merge that takes several models, coefficients chosen on validation, paire
 
     python benchmarks/merging.py [--seeds 0 1 2] [--workdir benchmarks/.cache/merging]
 
-Fine-tuned models are cached per seed in the workdir, and so is each finished seed's analysis (seed<N>/analysis.json,
-reused unless --rerun), so an interrupted run resumes, and seeds can run one at a time. The first
-seed runs every candidate; the later ones run the published baselines, ours, averaging and RegMean (the Fisher
-merges' statistics cost more than all the other merges together) unless --all-methods. Writes benchmarks/results/merging.{md,json,png}.
+Fine-tuned models are cached per seed in the workdir, and so are each finished seed's merges (results.json,
+correct.pt) and analysis (analysis.json, reused unless --rerun), so an interrupted run resumes and seeds can run one at
+a time. The first seed runs every candidate; the later ones run the published baselines, ours, averaging and RegMean
+(the Fisher merges' statistics cost more than all the other merges together) unless --all-methods.
+Writes benchmarks/results/merging.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def render(seeds: dict, summary: dict, names: list, info: dict, wall: float, siz
                        for s, seed in seeds.items())
     return (f"# Merging benchmark\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}; wall "
             f"time {wall / 60:.0f} min over the seeds ({timing}), on a machine shared with other jobs."
-            f"\n\nall-MiniLM-L6-v2 fine-tuned separately on each of {len(names)} tasks ({sizes['epochs']} epochs, "
+            f"\n\nall-MiniLM-L6-v2 fine-tuned separately on each of {len(names)} tasks ({sizes['epochs']} "
+            f"epoch{'s' if sizes['epochs'] != 1 else ''} of {sizes['train']} examples, "
             f"learning rate {sizes['learning_rate']}, word embeddings frozen), once per seed (the seed sets the heads' "
             f"initialisation and the data order; the splits are fixed); the encoders merged, each task keeping its own"
             f" head. Every coefficient is chosen on validation examples (the first {sizes.get('selection', 'all')} of "
