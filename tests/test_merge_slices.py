@@ -131,3 +131,14 @@ def test_the_formula_is_given_blocks_and_their_rows(monkeypatch):
     torch.testing.assert_close(merged["embed.weight"], sum(m["embed.weight"] for m in models) / 3)
     with pytest.raises(ValueError, match="slices must be one of"):
         register_merge_method("bad_slices", record, slices="columns")
+
+
+def test_a_non_finite_block_is_reported_as_for_the_whole_tensor(monkeypatch):
+    base, models, *_ = inputs()
+    models[1]["embed.weight"][30, 2] = float("nan")
+    with pytest.raises(ValueError) as whole:
+        decomp.merge(models, method="task_arithmetic", base=base)
+    monkeypatch.setattr(engine, "SLICE_ENTRIES", 13)
+    with pytest.raises(ValueError) as sliced:
+        decomp.merge(models, method="task_arithmetic", base=base)
+    assert str(sliced.value) == str(whole.value) and "entry (30, 2)" in str(whole.value)
