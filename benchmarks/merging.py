@@ -5,7 +5,7 @@ decomp.merge that takes several models, coefficients chosen on validation, paire
 
 Fine-tuned models are cached per seed in the workdir, and so are each finished seed's merges (results.json,
 correct.pt) and analysis (analysis.json, reused unless --rerun), so an interrupted run resumes and seeds can run one at
-a time. The first seed runs every candidate; the later ones run the published baselines, ours, averaging and RegMean
+a time. Seed 0 runs every candidate; the others run the published baselines, ours, averaging and RegMean
 (the Fisher merges' statistics cost more than all the other merges together) unless --all-methods.
 Writes benchmarks/results/merging.{md,json,png}.
 """
@@ -177,18 +177,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "merging")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--all-methods", action="store_true", help="the Fisher merges in every seed, not the first")
-    parser.add_argument("--rerun", action="store_true", help="merge and score again the seeds already analysed")
+    parser.add_argument("--all-methods", action="store_true", help="the Fisher merges in every seed, not only seed 0")
+    parser.add_argument("--rerun", action="store_true", help="analyse again the seeds already analysed (from their saved merges: "
+                        "delete seed<N>/correct.pt to merge again)")
     parser.add_argument("--quick", action="store_true", help="the quick demo's sizes, results under the workdir only "
                         "(a smoke test of the script)")
     args = parser.parse_args()
     seeds = {}
-    for index, seed in enumerate(args.seeds):
+    for seed in args.seeds:
         cached = args.workdir / f"seed{seed}" / "analysis.json"
         if cached.exists() and not args.rerun:
             seeds[seed] = json.loads(cached.read_text())
         else:
-            results, correct, names, sizes = run_seed(args.workdir, seed, args.all_methods or index == 0, args.quick)
+            results, correct, names, sizes = run_seed(args.workdir, seed, args.all_methods or seed == 0, args.quick)
             seeds[seed] = {**analyse_seed(results, correct, names, seed), "names": names, "sizes": sizes}
             cached.write_text(json.dumps(seeds[seed], default=lambda a: np.asarray(a).tolist()))
         for row in seeds[seed]["rows"].values():
