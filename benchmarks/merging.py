@@ -178,8 +178,8 @@ def main():
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "merging")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--all-methods", action="store_true", help="the Fisher merges in every seed, not only seed 0")
-    parser.add_argument("--rerun", action="store_true", help="analyse again the seeds already analysed (from their saved merges: "
-                        "delete seed<N>/correct.pt to merge again)")
+    parser.add_argument("--rerun", action="store_true", help="analyse again the seeds already analysed (from their "
+                        "saved merges: delete seed<N>/correct.pt to merge again)")
     parser.add_argument("--quick", action="store_true", help="the quick demo's sizes, results under the workdir only "
                         "(a smoke test of the script)")
     args = parser.parse_args()
