@@ -13,7 +13,7 @@ from decomp.merging.methods.ties import hash_uniforms
 from decomp.merging.registry import register_merge_method, unregister_merge_method
 
 SHAPES = {"embed.weight": (49, 6), "layer.weight": (6, 6), "layer.bias": (6,), "conv.weight": (5, 3, 2),
-          "long.bias": (40,), "scale": ()}
+          "long.bias": (40,), "scale": (), "frozen.weight": (30, 4)}
 WEIGHTS = [0.5, 1.0, 1.5]
 
 # every method that declares slices, with parameter sets that reach each of its branches
@@ -29,6 +29,10 @@ CASES = {
     "components": [{"select": [[0], [0, 1], [1]]}, {"select": [[1], [0], [0, 1]], "normalize": True}],
     "regmean": [{"alpha": 0.5}],
     "model_stock": [{"filter_wise": True}, {"filter_wise": False}],
+    "tsv": [{"scale": 0.7}],      # entry by entry where no model changed a matrix, and off matrices
+    "iso_c": [{}],
+    "iso_cts": [{}],
+    "data_tsv": [{}, {"isotropic": True}],
 }
 
 
@@ -38,6 +42,7 @@ def inputs(seed=0):
     models = [{k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
     for model in models:   # repeated magnitudes: TIES' and DELLA's ties must break the same way in blocks
         model["embed.weight"][3:9] = base["embed.weight"][3:9] + 0.25
+        model["frozen.weight"] = base["frozen.weight"].clone()   # no task changed it (frozen word embeddings)
 
     def fisher():
         values = {k: torch.rand(s, generator=g) for k, s in SHAPES.items()}

@@ -14,10 +14,10 @@ from torch import Tensor
 
 from ..registry import Interval, Parameter, register_merge_method
 from .linear import SCALE
-from .tsv import polar, svd_dtype, thin_svd, unchanged, weighted_task_vectors
+from .tsv import polar, svd_dtype, svd_slices, thin_svd, unchanged, weighted_task_vectors
 
 
-@register_merge_method("iso_c", needs=("base",), parameters=[SCALE])
+@register_merge_method("iso_c", needs=("base",), slices=svd_slices, parameters=[SCALE])
 def iso_c(key: str, values: list[Tensor], context) -> Tensor:
     """Iso-C: the task-arithmetic update with all its singular values set to their mean (Marczak et al., 2025).
 
@@ -43,7 +43,7 @@ def subspace_sizes(r: int, M: int, fraction: float) -> tuple[int, int]:
     return r - specific, specific // M
 
 
-@register_merge_method("iso_cts", needs=("base",), parameters=[SCALE, Parameter(
+@register_merge_method("iso_cts", needs=("base",), slices=svd_slices, parameters=[SCALE, Parameter(
     "common_space_fraction", 0.8, "share of the rank given to the common subspace (the paper's 0.8)", float,
     Interval(0, 1))])
 def iso_cts(key: str, values: list[Tensor], context) -> Tensor:

@@ -10,9 +10,12 @@ vector is added with one coefficient chosen on validation data (here `scale`, de
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from ..engine import row_blocks
 from ..registry import register_merge_method
 from .linear import SCALE
 
@@ -44,6 +47,21 @@ def unchanged(key: str, taus: list[Tensor], context, method: str) -> bool:
     return True
 
 
+def svd_slices(key: str, context) -> Optional[str]:
+    """How the SVD methods take tensor `key` (the engine's ``slices``): entry by entry where their formula is
+    (tensors other than matrices: the mean of the task vectors; matrices no model changed: θ_0), else whole. The
+    check reads blocks of rows in the models' dtype: frozen word embeddings then never take whole float64 copies
+    (about 1 GB for MiniLM's three task vectors)."""
+    shape = context.sources[0].shape(key)
+    if len(shape) != 2:
+        return "entries"
+    for rows in row_blocks(shape, "entries") or [None]:
+        origin = context.base.get(key, rows)
+        if any(not torch.equal(source.get(key, rows), origin) for source in context.sources):
+            return None
+    return "entries"
+
+
 def polar(matrix: Tensor) -> Tensor:
     """The orthogonal matrix closest to `matrix` [a, b] (Frobenius norm): P Qᵀ from its thin SVD P S Qᵀ."""
     p, _, qh = thin_svd(matrix)
@@ -56,7 +74,7 @@ def weighted_task_vectors(key: str, values: list[Tensor], context) -> tuple[Tens
     return base, [w * t for w, t in zip(context.weights, taus)]
 
 
-@register_merge_method("tsv", needs=("base",), parameters=[SCALE])
+@register_merge_method("tsv", needs=("base",), slices=svd_slices, parameters=[SCALE])
 def tsv(key: str, values: list[Tensor], context) -> Tensor:
     """TSV-M: the tasks' top singular vectors, orthogonalised jointly (Gargiulo et al., CVPR 2025).
 
