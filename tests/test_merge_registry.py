@@ -19,8 +19,9 @@ BUILT_INS = {"average": {}, "task_arithmetic": {"scale": 1.0},
              "ties": {"density": 0.2, "trim": "global", "scale": 1.0, "normalize": True},
              "dare": {"density": 0.1, "seed": 0, "scale": 1.0},
              "dare_ties": {"density": 0.1, "seed": 0, "scale": 1.0, "normalize": True},
-             "fisher": {"floor": 0.0, "floor_relative": None, "normalize": False, "favor": None, "favor_weight": 0.5},
-             "regmean": {"alpha": 0.9}}
+             "fisher": {"floor": 0.0, "floor_relative": None, "normalize": False, "normalize_per_tensor": False,
+                        "favor": None, "favor_weight": 0.5, "scale": 1.0},
+             "regmean": {"alpha": 0.9}, "data_tsv": {"scale": 1.0, "isotropic": False}}
 
 
 def states(M=3, seed=0):
@@ -152,7 +153,7 @@ def test_inputs_a_method_does_not_use_are_errors():
     base, models = states()
     with pytest.raises(ValueError, match="fishers= is used by method='fisher' and 'components', not 'ties'"):
         decomp.merge(models, method="ties", base=base, fishers=[{}] * 3)
-    with pytest.raises(ValueError, match="grams= is used by method='regmean', not 'average'"):
+    with pytest.raises(ValueError, match="grams= is used by method='regmean' and 'data_tsv', not 'average'"):
         decomp.merge(models, method="average", grams=[{}] * 3)
     with pytest.raises(ValueError, match="needs grams="):
         decomp.merge(models, method="regmean")

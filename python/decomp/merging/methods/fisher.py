@@ -15,41 +15,63 @@ WEIGHTING = [
     Parameter("floor_relative", None, "floor as a multiple of each model's mean Fisher (instead of floor)", float,
               Interval(0)),
     Parameter("normalize", False, "divide each model's Fisher by its mean over the merged tensors", bool),
+    Parameter("normalize_per_tensor", False, "divide each model's Fisher by its mean within each tensor (every model "
+              "then weighs the same in every tensor)", bool),
     Parameter("favor", None, "index of a model to favour (it gets favor_weight, the others share the rest)", int,
               ModelIndex()),
     Parameter("favor_weight", 0.5, "weight of the favoured model", float, Interval(0, 1)),
 ]
 
 
+SCALED = Parameter("scale", 1.0, "coefficient of the merged task vector, θ_0 + scale·(θ_F - θ_0) (needs base= "
+                   "unless 1)", float, Interval(0))
+
+
 @dataclass
 class FisherWeights:
     """What the Fisher formula needs, computed once: each model's Fisher (key -> tensor) and, when normalize or
-    floor_relative asks for it, its mean over the merged tensors."""
+    floor_relative asks for it, its mean over the merged tensors (per tensor with normalize_per_tensor)."""
     fishers: list[Mapping[str, Tensor]]
     means: list[Optional[float]]
+    tensor_means: list[dict]
 
 
-def _means(fishers: list[Mapping[str, Tensor]], context) -> list[Optional[float]]:
-    if not (context.params["normalize"] or context.params["floor_relative"] is not None):
-        return [None] * len(fishers)
+def _means(fishers: list[Mapping[str, Tensor]], context) -> tuple[list[Optional[float]], list[dict]]:
+    """(each model's mean Fisher over the merged tensors, each model's key -> mean within that tensor)."""
+    params = context.params
+    if not (params["normalize"] or params["normalize_per_tensor"] or params["floor_relative"] is not None):
+        return [None] * len(fishers), [{} for _ in fishers]
     merged = set(context.plan.merged)
-    means = []
+    means, tensor_means = [], []
     for fisher in fishers:
-        total, count = 0.0, 0
+        total, count, per_tensor = 0.0, 0, {}
         for key in fisher:
             if key in merged:   # each tensor read once (a ChosenSum sums its components at each read)
                 value = fisher[key]
-                total, count = total + float(value.double().sum()), count + value.numel()
+                per_tensor[key] = float(value.double().mean()) if value.numel() else 0.0
+                total, count = total + per_tensor[key] * value.numel(), count + value.numel()
         means.append(total / max(count, 1))
-    return means
+        tensor_means.append(per_tensor)
+    return means, tensor_means
+
+
+def _check_options(context) -> None:
+    params, name = context.params, context.method.name
+    if params["normalize"] and params["normalize_per_tensor"]:
+        raise ValueError(f"method={name!r}: normalize=True and normalize_per_tensor=True exclude each other; got both")
+    if params["scale"] != 1.0 and context.base is None:
+        raise ValueError(f"method={name!r} with scale={params['scale']} needs base= (θ = θ_0 + scale·(θ_F - θ_0)); "
+                         f"got no base")
 
 
 def _prepare_fisher(context) -> FisherWeights:
-    return FisherWeights(context.fishers, _means(context.fishers, context))
+    _check_options(context)
+    return FisherWeights(context.fishers, *_means(context.fishers, context))
 
 
 def _prepare_components(context) -> FisherWeights:
     """F_{m,S} = Σ_{c in S_m} F_{m,c}: each model's chosen component Fishers summed."""
+    _check_options(context)
     combined = []
     for m, (per_component, chosen) in enumerate(zip(context.components, context.params["select"])):
         if not chosen:
@@ -58,7 +80,7 @@ def _prepare_components(context) -> FisherWeights:
         if bad:
             raise ValueError(f"select[{m}] names component {bad[0]}, but model {m} has {len(per_component)}")
         combined.append(ChosenSum(per_component, chosen))
-    return FisherWeights(combined, _means(combined, context))
+    return FisherWeights(combined, *_means(combined, context))
 
 
 class ChosenSum(Mapping):
@@ -81,15 +103,25 @@ class ChosenSum(Mapping):
         return len(self.per_component[self.chosen[0]])
 
 
-@register_merge_method("fisher", needs=("fishers",), prepare=_prepare_fisher, parameters=WEIGHTING,
+@register_merge_method("fisher", needs=("fishers",), prepare=_prepare_fisher, parameters=[*WEIGHTING, SCALED],
                        normalizes=True, slices="entries")
 def fisher(key: str, values: list[Tensor], context) -> Tensor:
     """Fisher merging: the Fisher-weighted average of the models (Matena & Raffel, 2022).
 
-    "Merging models with Fisher-weighted averaging": Σ λ_m F_m θ_m / Σ λ_m F_m entry by entry, F floored
-    (absolute `floor`, or `floor_relative` x the mean of F_m), optionally each F_m divided by its mean
-    (`normalize`), optionally one model favoured (`favor`). A tensor some Fisher lacks, or where every Fisher is
-    zero, gets the λ-weighted average (noted in the result)."""
+    "Merging models with Fisher-weighted averaging": θ_F = Σ λ_m F_m θ_m / Σ λ_m F_m entry by entry, F floored
+    (absolute `floor`, or `floor_relative` x the mean of F_m), optionally each F_m divided by its mean over the
+    merged tensors (`normalize`) or within each tensor (`normalize_per_tensor`), optionally one model favoured
+    (`favor`). A tensor some Fisher lacks, or where every Fisher is zero, gets the λ-weighted average (noted in the
+    result). With `scale` ≠ 1 (and base=): θ = θ_0 + scale·(θ_F - θ_0), the Fisher-weighted task vector scaled, as
+    task arithmetic scales its sum; the average a Fisher merge takes keeps only a share of each task vector."""
+    merged = _fisher_average(key, values, context)
+    if context.params["scale"] == 1.0:
+        return merged
+    base = context.base_value(key)
+    return base + context.params["scale"] * (merged - base)
+
+
+def _fisher_average(key: str, values: list[Tensor], context) -> Tensor:
     params, prepared = context.params, context.prepared
     M = len(values)
     weights = context.weights
@@ -103,10 +135,12 @@ def fisher(key: str, values: list[Tensor], context) -> Tensor:
     numerator, denominator = 0.0, 0.0
     for m, (w, v) in enumerate(zip(weights, values)):
         F = context.part(prepared.fishers[m], key).double()
-        if params["normalize"]:
-            F = F / max(prepared.means[m], 1e-300)
+        mean = prepared.tensor_means[m].get(key) if params["normalize_per_tensor"] else prepared.means[m]
+        normalized = params["normalize"] or params["normalize_per_tensor"]
+        if normalized:
+            F = F / max(mean, 1e-300)
         floor = params["floor"] if params["floor_relative"] is None else params["floor_relative"] * \
-            (1.0 if params["normalize"] else prepared.means[m])
+            (1.0 if normalized else prepared.means[m])
         F = F.clamp(min=floor)
         numerator = numerator + w * F * v
         denominator = denominator + w * F
@@ -118,7 +152,7 @@ def fisher(key: str, values: list[Tensor], context) -> Tensor:
 @register_merge_method("components", needs=("components",), prepare=_prepare_components, normalizes=True,
                        slices="entries", parameters=[
     Parameter("select", REQUIRED, "the chosen component indices of each model, one list per model", list,
-              PerModel()), *WEIGHTING])
+              PerModel()), *WEIGHTING, SCALED])
 def components(key: str, values: list[Tensor], context) -> Tensor:
     """Component merging (ours): Fisher merging with each model's chosen components' Fishers.
 
