@@ -21,11 +21,15 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
                           ("task arithmetic", "task_arithmetic"), ("TIES (top 20%, global trim)", "ties"),
                           ("DARE-TIES (keep 30%)", "dare_ties"), ("Fisher (exact)", "fisher"),
                           ("Fisher (sampled)", "fisher"), ("Fisher (empirical)", "fisher"), ("RegMean", "regmean"),
-                          ("components (top 2 of 8 per model)", "components")):
+                          ("components (top 2 of 8 per model)", "components"), ("TSV-M", "tsv"), ("Iso-C", "iso_c"),
+                          ("Iso-CTS (common 80%)", "iso_cts"), ("data-subspace TSV (ours)", "data_tsv"),
+                          ("data-subspace TSV, isotropic (ours)", "data_tsv")):
         assert rows[label]["method"] == method   # the id decomp.merge takes, beside the display label
     # the parameters merged with, the coefficient chosen on validation among them
     assert rows["TIES (top 20%, global trim)"]["parameters"]["density"] == 0.2
     assert rows["task arithmetic"]["parameters"]["scale"] in results["sizes"]["sum grid"]
+    assert rows["data-subspace TSV, isotropic (ours)"]["parameters"]["isotropic"] is True
+    assert rows["Iso-C"]["parameters"]["scale"] in results["sizes"]["iso grid"]
     assert rows["RegMean"]["chosen"].startswith(f"α={rows['RegMean']['parameters']['alpha']}")
     assert rows["components (top 2 of 8 per model)"]["parameters"]["select"] == [[0, 1]] * len(TASKS)
     # every stage's seconds and peak resident memory: 7.8 GB before the statistics moved to disk, 2.7 GB before the
