@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..registry import Parameter, register_merge_method
 from .linear import SCALE
-from .tsv import polar, svd_dtype, thin_svd, unchanged, weighted_task_vectors
+from .tsv import polar, svd_dtype, svd_slices, thin_svd, unchanged, weighted_task_vectors
 
 
 def gram_square_root(gram: Tensor) -> Tensor:
@@ -50,7 +50,7 @@ def _orientation(key: str, base: Tensor, context) -> tuple[list, bool]:
     return (grams, True) if grams[0].shape[0] == base.shape[0] else ([], False)
 
 
-@register_merge_method("data_tsv", needs=("base", "grams"), parameters=[SCALE, Parameter(
+@register_merge_method("data_tsv", needs=("base", "grams"), slices=svd_slices, parameters=[SCALE, Parameter(
     "isotropic", False, "set every gathered singular value to their mean, as Iso-C does", bool)])
 def data_tsv(key: str, values: list[Tensor], context) -> Tensor:
     """Data-subspace TSV (ours): each task's top-k directions in the norm of its own inputs, decorrelated as TSV-M.
