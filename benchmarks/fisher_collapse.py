@@ -595,7 +595,7 @@ def render(r: dict) -> str:
         + h.markdown_table(accuracy_rows(r, "validation"), list(accuracy_rows(r, "validation")[0]))
         + "\n## Validation mean along the searched grids\n\n"
         + h.markdown_table(curve_rows(r), list(dict.fromkeys(k for row in curve_rows(r) for k in row)))
-        + "\n![Fisher collapse](fisher_collapse.png)\n\n" + recommendation(r))
+        + "\nFigure: fisher_collapse.png.\n\n" + recommendation(r))
 
 
 def recommendation(r: dict) -> str:

@@ -178,6 +178,8 @@ def main():
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "merging")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--all-methods", action="store_true", help="the Fisher merges in every seed, not only seed 0")
+    parser.add_argument("--contenders", action="store_true", help="only the published baselines, ours, averaging and "
+                        "RegMean, in every seed (seed 0 too)")
     parser.add_argument("--rerun", action="store_true", help="analyse again the seeds already analysed (from their "
                         "saved merges: delete seed<N>/correct.pt to merge again)")
     parser.add_argument("--quick", action="store_true", help="the quick demo's sizes, results under the workdir only "
@@ -189,7 +191,8 @@ def main():
         if cached.exists() and not args.rerun:
             seeds[seed] = json.loads(cached.read_text())
         else:
-            results, correct, names, sizes = run_seed(args.workdir, seed, args.all_methods or seed == 0, args.quick)
+            everything = args.all_methods or (seed == 0 and not args.contenders)
+            results, correct, names, sizes = run_seed(args.workdir, seed, everything, args.quick)
             seeds[seed] = {**analyse_seed(results, correct, names, seed), "names": names, "sizes": sizes}
             cached.write_text(json.dumps(seeds[seed], default=lambda a: np.asarray(a).tolist()))
         for row in seeds[seed]["rows"].values():
