@@ -182,3 +182,49 @@ def test_audit_moves_an_unseen_functional_use_to_the_exact_fallback():
         for (name, _), g in zip(model64.named_parameters(), grads):
             expected[name] += g * g / 5
     assert_fisher_close(fisher, expected)
+
+
+class SharedTableToyForSequenceClassification(torch.nn.Module):
+    """One [7, 5] table looked up twice and, with heads, used as two output layers (an LM's tied embedding/head)."""
+
+    def __init__(self, heads: bool):
+        super().__init__()
+        self.config = type("Config", (), {"is_encoder_decoder": False, "_name_or_path": "toy"})()
+        self.first = torch.nn.Embedding(7, 5)
+        self.second = torch.nn.Embedding(7, 5)
+        self.second.weight = self.first.weight
+        self.mix = torch.nn.Linear(5, 7)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(5, 7, bias=False) for _ in range(2 if heads else 0))
+        for head in self.heads:
+            head.weight = self.first.weight
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask[..., None].to(self.first.weight.dtype)
+        hidden = torch.tanh(self.first(input_ids) + self.second((3 * input_ids + 1) % 7)) * mask
+        logits = self.mix(hidden.sum(1) / mask.sum(1))
+        for head in self.heads:
+            logits = logits + (head(hidden) * mask).sum(1) / mask.sum(1)
+        return type("Output", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_a_table_looked_up_twice_and_tied_to_heads_is_squared_after_summing_its_uses(heads):
+    torch.manual_seed(3)
+    model = SharedTableToyForSequenceClassification(heads)
+    ids = torch.tensor([[1, 1, 4, 1, 0], [2, 6, 2, 5, 3], [0, 3, 0, 0, 6], [5, 4, 4, 1, 2]])   # repeated rows
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 6, 3, 2])}
+    fisher = decomp.compute_fisher(model, [batch], kind="empirical", progress=False)
+    assert fisher.coverage["first.weight"] == ("embedding+linear" if heads else "embedding")
+    model64 = SharedTableToyForSequenceClassification(heads).double()
+    model64.load_state_dict(model.state_dict())
+    expected = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model64.named_parameters()}
+    for n in range(len(ids)):
+        keep = mask[n].bool()
+        logits = model64(ids[n:n + 1, keep], mask[n:n + 1, keep]).logits
+        grads = torch.autograd.grad(logits.log_softmax(-1)[0, batch["labels"][n]], list(model64.parameters()))
+        for (name, _), g in zip(model64.named_parameters(), grads):
+            expected[name] += g * g / len(ids)
+    assert_fisher_close(fisher, expected)

@@ -154,23 +154,38 @@ class FisherJob(GradientJob):
 
     def matrix(self, name: str, contributions: list[Contribution]) -> None:
         out = self.sums[name]
-        if len(contributions) == 1:
-            c = contributions[0]
-            if c.kind == "outer":
-                left, right = c.left, c.right
-                if left.dtype != right.dtype:
-                    left, right = left.float(), right.float()
-                ops.fisher_linear(right, left, lengths=c.lengths, out=out)
-            else:
-                ops.fisher_embedding(c.left, c.right, out.shape[0], lengths=c.lengths, out=out)
+        outer = [c for c in contributions if c.kind == "outer"]
+        looked_up = [c for c in contributions if c.kind != "outer"]
+        if len(outer) == 1:
+            left, right = outer[0].left, outer[0].right
+            if left.dtype != right.dtype:
+                left, right = left.float(), right.float()
+            lengths = outer[0].lengths
+        elif outer:
+            # several products of one parameter: their sum is one longer sequence of outer products
+            left = torch.cat([masked_rows(c.left.float(), c.lengths) for c in outer], 1)
+            right = torch.cat([masked_rows(c.right.float(), c.lengths) for c in outer], 1)
+            lengths = None
+        if not looked_up:
+            ops.fisher_linear(right, left, lengths=lengths, out=out)
             return
-        # several uses of one parameter: their sum is one longer sequence of outer products, squared once
-        lefts, rights = [], []
-        for c in contributions:
-            left = c.left.float() if c.kind == "outer" else torch.nn.functional.one_hot(c.left, out.shape[0]).float()
-            lefts.append(left)
-            rights.append(masked_rows(c.right.float(), c.lengths))
-        ops.fisher_linear(torch.cat(rights, 1), torch.cat(lefts, 1), out=out)
+        # the looked-up rows of every use, padding zeroed (its ids set to row 0, which then gains nothing)
+        ids = torch.cat([masked_rows(c.left, c.lengths) for c in looked_up], 1)
+        rows = torch.cat([masked_rows(c.right.float(), c.lengths) for c in looked_up], 1)
+        if not outer:
+            ops.fisher_embedding(ids, rows, out.shape[0], out=out)
+            return
+        # tied (an LM's input embedding and its output head): the head's squares by the fused kernel, then, on the
+        # few rows each example looks up, the cross term and the lookups' own squares, (W + E)^2 - W^2 = E (2W + E).
+        # Never a one-hot [N, T, V] (it doubled the head's GEMM and its memory)
+        ops.fisher_linear(right, left, lengths=lengths, out=out)
+        valid = [left.shape[1]] * left.shape[0] if lengths is None else lengths.tolist()
+        for n, length in enumerate(valid):
+            touched, position = torch.unique(ids[n], return_inverse=True)
+            looked = torch.zeros(len(touched), rows.shape[2], dtype=torch.float32, device=out.device)
+            looked.index_add_(0, position, rows[n])
+            head = left[n, :length][:, touched].float().T @ right[n, :length].float()   # W's touched rows
+            out.index_add_(0, touched, looked * (2 * head + looked))
 
     def vector(self, name: str, g: Tensor) -> None:
         self.sums[name] += g.float().square().sum(0).reshape(self.sums[name].shape)
