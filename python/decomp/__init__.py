@@ -16,7 +16,7 @@ from ._startup import guard_startup as _guard_startup
 _guard_startup()   # the `decomp` command: Ctrl-C while it imports is one line and exit code 130 (see _startup.py)
 
 from .analysis import Alignment, Components, cluster, component_fishers, ica, pca, prepare
-from .gradients import Fisher, GradientSketch, collect_grams, compute_fisher, coverage, sketch_gradients
+from .gradients import Fisher, GradientSketch, Grams, collect_grams, compute_fisher, coverage, sketch_gradients
 from .kernels import ops
 from .kernels.native import build_info
 from .merging import (MergedState, merge, merge_methods, merge_recipe, register_merge_method, save_merged,
@@ -27,7 +27,7 @@ __version__ = build_info()["version"]
 __all__ = ["ops", "reference", "build_info", "__version__", "coverage", "Fisher", "compute_fisher", "GradientSketch",
            "sketch_gradients", "Components", "Alignment", "pca", "ica", "cluster", "prepare", "component_fishers",
            "merge", "merge_methods", "register_merge_method", "MergedState",
-           "collect_grams", "submodel", "save_merged", "merge_recipe", "search_coefficients"]
+           "collect_grams", "Grams", "submodel", "save_merged", "merge_recipe", "search_coefficients"]
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ directions (parameter directions of components).
 
 from .capture import coverage
 from .fisher import Fisher, compute_fisher
-from .grams import collect_grams
+from .grams import Grams, collect_grams
 from .sketch import GradientSketch, sketch_gradients
 
-__all__ = ["coverage", "Fisher", "compute_fisher", "collect_grams", "GradientSketch", "sketch_gradients"]
+__all__ = ["coverage", "Fisher", "compute_fisher", "collect_grams", "Grams", "GradientSketch", "sketch_gradients"]

@@ -252,8 +252,18 @@ def real_tokens(model, batch: dict, device) -> dict:
     return masks
 
 
+class Grams(dict):
+    """Module name -> Gram [in, in] (float64), as collect_grams returns them. ``stored_in_out`` names the modules
+    whose weight is stored [in, out] (transformers' Conv1D: GPT-2's layers) rather than nn.Linear's [out, in], so
+    that a merge orients a square weight's Gram rightly without the model at hand."""
+
+    def __init__(self, grams=(), stored_in_out=()):
+        super().__init__(grams)
+        self.stored_in_out = frozenset(stored_in_out)
+
+
 def collect_grams(model, data, *, batch_size: int = 32, max_examples: Optional[int] = None, progress: bool = True,
-                  distributed: Optional[bool] = None, **options) -> dict:
+                  distributed: Optional[bool] = None, **options) -> Grams:
     """Gram matrices X^T X [in, in] (float64) of every Linear / Conv1D layer's inputs over the real tokens of
     `data`, keyed by module name (as in named_modules()), for method='regmean'. Padding is excluded; layers the
     data never ran are left out. options: tokenizer, text_column, label_column, max_length (as compute_fisher).
@@ -267,4 +277,5 @@ def collect_grams(model, data, *, batch_size: int = 32, max_examples: Optional[i
     run = ModelPass("collect_grams", model, data, options=options, progress=progress, distributed=distributed)
     job = GramJob(model)
     run.run(job, device=job.device)
-    return {name: gram for (name, gram), used in zip(job.grams.items(), job.uses.tolist()) if used > 0}
+    kept = {name: gram for (name, gram), used in zip(job.grams.items(), job.uses.tolist()) if used > 0}
+    return Grams(kept, stored_in_out=[name for name in kept if is_conv1d(job.modules[name])])

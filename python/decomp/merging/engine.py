@@ -93,6 +93,26 @@ class MergeContext:
         """The blocks of rows tensor `key` is handed to the method in ([None]: whole), by its ``slices``."""
         return row_blocks(self.sources[0].shape(key), self.method.slicing(key, self)) or [None]
 
+    def gram_layout(self, key: str) -> Optional[bool]:
+        """For a 2-D weight whose module has a Gram [in, in] in every model's grams: whether the weight is stored
+        [in, out] (transformers' Conv1D) rather than nn.Linear's [out, in]; None when the Grams do not cover it.
+        A rectangular weight's layout is the side its Gram fits; a square one's comes from collect_grams' record
+        (decomp.Grams.stored_in_out), else from the sources' modules, else it is taken as nn.Linear's, noted."""
+        module = key.rsplit(".", 1)[0]
+        shape = self.sources[0].shape(key)
+        if not key.endswith(".weight") or len(shape) != 2 or not self.grams or \
+                not all(module in grams for grams in self.grams):
+            return None
+        if shape[0] != shape[1]:
+            return self.grams[0][module].shape[0] == shape[0]
+        for record in [getattr(g, "stored_in_out", None) for g in self.grams] + \
+                      [s.stored_in_out() for s in (*self.sources, *([self.base] if self.base else []))]:
+            if record is not None:
+                return module in record
+        self.note(key, "square weight of unknown layout (the Grams are not collect_grams' own and no source is a "
+                       "model): taken as nn.Linear's [out, in]")
+        return False
+
     def task_vectors(self, key: str, values: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """(θ_0[key], [τ_m = θ_m - θ_0 for each model]) in float64."""
         base = self.base_value(key)

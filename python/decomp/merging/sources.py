@@ -32,6 +32,14 @@ class Source:
                 self._tensors.update({key: reader for key in reader.entries})
         self.keys = list(self._tensors)
 
+    def stored_in_out(self) -> Optional[frozenset]:
+        """The module names whose weight is stored [in, out] (transformers' Conv1D), from the nn.Module itself or
+        from a save_pretrained folder's architecture (built on the meta device: no weights); None when the source
+        is a bare state dict or safetensors file, or its architecture cannot be built here."""
+        if not hasattr(self, "_stored_in_out"):
+            self._stored_in_out = _conv1d_modules(self.model, self.path)
+        return self._stored_in_out
+
     def get(self, key: str, rows: Optional[slice] = None) -> Tensor:
         """The tensor `key`, or only its `rows` (a slice of the first dimension, step 1): a view of an in-memory
         tensor, or just those bytes read from a file."""
@@ -113,3 +121,21 @@ def _safetensors_files(path: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"model folder {path} holds no .safetensors file")
     return files
+
+
+def _conv1d_modules(model, path) -> Optional[frozenset]:
+    from ..gradients.rules import is_conv1d
+    if model is None and path is not None and (Path(path) / "config.json").is_file():
+        try:
+            import transformers
+            config = transformers.AutoConfig.from_pretrained(str(path))
+            architecture = getattr(transformers, (config.architectures or [""])[0], None)
+            if architecture is None:
+                return None
+            with torch.device("meta"):
+                model = architecture(config)
+        except Exception:   # an architecture this transformers cannot build: the layout stays unknown
+            return None
+    if model is None:
+        return None
+    return frozenset(name for name, module in model.named_modules() if is_conv1d(module))

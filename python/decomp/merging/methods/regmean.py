@@ -19,11 +19,6 @@ from torch import Tensor
 from ..registry import Interval, Parameter, register_merge_method
 
 
-def _applies(key: str, context) -> bool:
-    module = key.rsplit(".", 1)[0]
-    return key.endswith(".weight") and all(module in grams for grams in context.grams)
-
-
 def closest_least_squares(left: Tensor, right: Tensor, average: Tensor) -> tuple[Tensor, int]:
     """(X, rank): of the solutions of left X = right in the least-squares sense (left symmetric positive
     semi-definite [n, n]), the one closest to `average` [n, k]; the rank of `left` by the threshold above."""
@@ -39,7 +34,7 @@ def closest_least_squares(left: Tensor, right: Tensor, average: Tensor) -> tuple
 
 def _regmean_slices(key: str, context) -> Optional[str]:
     # a layer's least squares needs its whole weight; every other tensor is an average, entry by entry
-    return None if _applies(key, context) else "entries"
+    return None if context.gram_layout(key) is not None else "entries"
 
 
 @register_merge_method("regmean", needs=("grams",), normalizes=True, slices=_regmean_slices, parameters=[
@@ -53,19 +48,22 @@ def regmean(key: str, values: list[Tensor], context) -> Tensor:
     G̃ = α G + (1 - α) diag(G); every other tensor is the λ-weighted average. Where Σ G̃_m is singular, the
     directions it does not see take the λ-weighted average (see the module's docstring)."""
     average = context.mean(values)
-    if not _applies(key, context):
+    stored_in_out = context.gram_layout(key)
+    if stored_in_out is None:
         return average
     alpha = context.params["alpha"]
     module = key.rsplit(".", 1)[0]
+
+    def in_out(weight):   # the [in, out] layout the least squares is written in
+        return weight if stored_in_out else weight.T
     left, right = 0.0, 0.0
     for m, weight in enumerate(values):
         gram = context.grams[m][module].double()
         gram = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
-        transposed = gram.shape[0] == weight.shape[1]  # nn.Linear stores [out, in]; Conv1D [in, out]
-        right = right + gram @ (weight.T if transposed else weight)
+        right = right + gram @ in_out(weight)
         left = left + gram
-    solution, rank = closest_least_squares(left, right, average.T if transposed else average)
+    solution, rank = closest_least_squares(left, right, in_out(average))
     if rank < left.shape[0]:
         context.note(key, f"regmean: Gram sum of rank {rank} < {left.shape[0]}; the directions it does not see "
                           f"take the average")
-    return solution.T if transposed else solution
+    return in_out(solution)

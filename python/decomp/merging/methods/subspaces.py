@@ -38,18 +38,6 @@ def data_truncation(tau: Tensor, root: Tensor, k: int) -> tuple[Tensor, Tensor, 
     return left @ p, s, vh
 
 
-def _orientation(key: str, base: Tensor, context) -> tuple[list, bool]:
-    """([C_m] per model, transposed): the Grams of the tensor's module when every model has one that fits, else
-    ([], False); transposed when the tensor is stored [in, out] (GPT-2's Conv1D)."""
-    module = key.rsplit(".", 1)[0]
-    if not key.endswith(".weight") or not context.grams or not all(module in g for g in context.grams):
-        return [], False
-    grams = [g[module] for g in context.grams]
-    if grams[0].shape[0] == base.shape[1]:
-        return grams, False
-    return (grams, True) if grams[0].shape[0] == base.shape[0] else ([], False)
-
-
 @register_merge_method("data_tsv", needs=("base", "grams"), slices=svd_slices, parameters=[SCALE, Parameter(
     "isotropic", False, "set every gathered singular value to their mean, as Iso-C does", bool)])
 def data_tsv(key: str, values: list[Tensor], context) -> Tensor:
@@ -67,7 +55,9 @@ def data_tsv(key: str, values: list[Tensor], context) -> Tensor:
         return base + scale * sum(taus) / len(taus)
     if unchanged(key, taus, context, "data_tsv"):
         return base
-    grams, transposed = _orientation(key, base, context)
+    transposed = context.gram_layout(key)
+    module = key.rsplit(".", 1)[0]
+    grams = [] if transposed is None else [g[module] for g in context.grams]
     dtype = svd_dtype(key, context)
     taus = [(t.T if transposed else t).to(dtype) for t in taus]
     k = min(base.shape) // len(taus)
