@@ -98,6 +98,41 @@ def test_conv1d_layout_is_merged_as_its_transpose():
     np.testing.assert_allclose(conv1d["lin.weight"].numpy(), linear["lin.weight"].numpy().T, rtol=1e-9, atol=1e-9)
 
 
+def iso_cts_by_hand(taus, grams, fraction):
+    """data_iso_cts's formula in numpy: the summed task matrix's top-k left/right vectors, each task's best rank-n
+    part of its residual in its data norm, orthogonalised together, one mean singular value."""
+    r, M = min(taus[0].shape), len(taus)
+    common = int(r * fraction)
+    specific = round((r - common) / M) * M
+    common, n = r - specific, specific // M
+    u, s, vt = np.linalg.svd(sum(taus), full_matrices=False)
+    shared = u[:, :common]
+    parts = [best_in_data_norm(t - shared @ shared.T @ t, c, n) for t, c in zip(taus, grams)]
+    U = polar(np.concatenate([p for p, _, _ in parts] + [shared], axis=1))
+    V = polar(np.concatenate([q for _, _, q in parts] + [vt[:common]], axis=0))
+    return np.concatenate([sv for _, sv, _ in parts] + [s[:common]]).mean() * U @ V
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8])
+def test_data_iso_cts_chooses_each_tasks_own_directions_in_the_norm_of_its_inputs(fraction):
+    base, models, grams = task_states(M=2, out=9, inp=8)
+    merged = decomp.merge(models, method="data_iso_cts", base=base, grams=grams, scale=1.5,
+                          common_space_fraction=fraction)
+    taus = [m["lin.weight"].numpy() - base["lin.weight"].numpy() for m in models]
+    expected = base["lin.weight"].numpy() + 1.5 * iso_cts_by_hand(taus, [g["lin"].numpy() for g in grams], fraction)
+    np.testing.assert_allclose(merged["lin.weight"].numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_data_iso_cts_with_identity_grams_is_iso_cts():
+    base, models, _ = task_states()
+    identity = [{"lin": torch.eye(6, dtype=torch.float64)} for _ in models]
+    ours = decomp.merge(models, method="data_iso_cts", base=base, grams=identity, scale=0.5)
+    theirs = decomp.merge(models, method="iso_cts", base=base, scale=0.5)
+    for key in ("lin.weight", "emb.weight", "lin.bias"):
+        np.testing.assert_allclose(ours[key].numpy(), theirs[key].numpy(), rtol=1e-9, atol=1e-9)
+    assert "no input Gram" in ours.notes["emb.weight"]
+
+
 def test_data_tsv_needs_grams():
     base, models, _ = task_states()
     with pytest.raises(ValueError, match="grams"):
@@ -106,12 +141,12 @@ def test_data_tsv_needs_grams():
 
 # --- the SVD methods' shared guards (tsv.py): zero task vectors, LAPACK failures -----------------------------------
 
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "data_tsv"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "data_tsv", "data_iso_cts"])
 def test_a_matrix_no_task_changed_keeps_the_base_and_says_so(method):
     # frozen word embeddings: decomposing zero task vectors once made LAPACK fail to converge in iso_cts
     base, models, grams = task_states()
     frozen = [{**m, "emb.weight": base["emb.weight"].clone()} for m in models]
-    merged = decomp.merge(frozen, method=method, base=base, grams=grams if method == "data_tsv" else None)
+    merged = decomp.merge(frozen, method=method, base=base, grams=grams if method.startswith("data") else None)
     assert torch.equal(merged["emb.weight"], base["emb.weight"])
     assert "every task vector is zero" in merged.notes["emb.weight"]
 

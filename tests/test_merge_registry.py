@@ -153,7 +153,8 @@ def test_inputs_a_method_does_not_use_are_errors():
     base, models = states()
     with pytest.raises(ValueError, match="fishers= is used by method='fisher' and 'components', not 'ties'"):
         decomp.merge(models, method="ties", base=base, fishers=[{}] * 3)
-    with pytest.raises(ValueError, match="grams= is used by method='regmean' and 'data_tsv', not 'average'"):
+    with pytest.raises(ValueError,
+                       match="grams= is used by method='regmean', 'data_tsv' and 'data_iso_cts', not 'average'"):
         decomp.merge(models, method="average", grams=[{}] * 3)
     with pytest.raises(ValueError, match="needs grams="):
         decomp.merge(models, method="regmean")

@@ -289,7 +289,8 @@ def _check_needs(method: MergeMethod, base, fishers, grams) -> None:
     for name, given, needed_by in (("fishers", fishers, ("fishers", "components")), ("grams", grams, ("grams",))):
         if given is not None and not set(needed_by) & set(method.needs):
             users = [m.name for m in merge_methods().values() if set(needed_by) & set(m.needs)]
-            raise ValueError(f"{name}= is used by method={' and '.join(map(repr, users))}, not {method.name!r}")
+            listed = ", ".join(map(repr, users[:-1])) + (" and " if len(users) > 1 else "") + repr(users[-1])
+            raise ValueError(f"{name}= is used by method={listed}, not {method.name!r}")
 
 
 def _attach_inputs(context: MergeContext, fishers, grams) -> None:
