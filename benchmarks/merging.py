@@ -28,7 +28,8 @@ BOOTSTRAP = 2000
 INDIVIDUAL = "each fine-tuned model alone"
 # the published methods ours must beat; the best of them on validation is "the best baseline" of a seed
 BASELINES = ("task arithmetic", "TIES (top 20%, global trim)", "TSV-M", "Iso-C", "Iso-CTS (common 80%)")
-OURS = ("data-subspace TSV (ours)", "data-subspace TSV, isotropic (ours)")
+OURS = ("data-subspace TSV (ours)", "data-subspace TSV, isotropic (ours)", "data-subspace Iso-CTS (ours)")
+CONTENDERS = BASELINES + OURS + ("average", "RegMean")
 
 
 def normalised_samples(correct: dict, individual: dict, names: list, rng) -> np.ndarray:
@@ -156,24 +157,42 @@ def plot(seeds: dict, summary: dict, path: Path) -> None:
 
 def run_seed(workdir: Path, seed: int, all_methods: bool, quick: bool) -> tuple:
     """(results, test correctness per row and task, task names, sizes) of one seed's fine-tunes and merges; saved
-    beside them (results.json, correct.pt), so that the analysis can be redone without merging again."""
+    beside them (results.json, correct.pt), so that the analysis can be redone without merging again. A seed saved
+    with fewer candidates than asked for (contenders first, every method later) runs only the missing ones, in
+    seed<N>/more (its models linked to the seed's), and adds their rows."""
     import torch
     from decomp.app.candidates import BENCHMARK_CANDIDATES
     from decomp.app.demo import BENCHMARK, BENCHMARK_TASKS, Demo
     folder = workdir / f"seed{seed}"
     names = [t.name for t in BENCHMARK_TASKS]
+    wanted = [c for c in BENCHMARK_CANDIDATES if all_methods or c.label in CONTENDERS]
+    results, correct = None, {}
     if (folder / "correct.pt").exists():
-        results = json.loads((folder / "results.json").read_text())
-        return results, torch.load(folder / "correct.pt"), names, results["sizes"]
-    contenders = [c for c in BENCHMARK_CANDIDATES if c.label in BASELINES + OURS + ("average", "RegMean")]
-    demo = Demo(folder, quick=quick, tasks=BENCHMARK_TASKS, decompose=False, seed=seed,
-                sizes=None if quick else BENCHMARK, candidates=BENCHMARK_CANDIDATES if all_methods else contenders)
-    results = demo.run()
-    torch.save(demo.correct, folder / "correct.pt")
-    return results, demo.correct, names, demo.sizes
+        results, correct = json.loads((folder / "results.json").read_text()), torch.load(folder / "correct.pt")
+    missing = [c for c in wanted if c.label not in correct]
+    if not missing:
+        return results, correct, names, results["sizes"]
+    out = folder if results is None else folder / "more"
+    if out != folder and not (out / "models").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "models").symlink_to(folder / "models", target_is_directory=True)
+    demo = Demo(out, quick=quick, tasks=BENCHMARK_TASKS, decompose=False, seed=seed,
+                sizes=None if quick else BENCHMARK, candidates=missing)
+    added = demo.run()
+    if results is None:
+        results = added
+    else:   # the baseline rows (each fine-tune alone, the pre-trained encoder) are the same models' again
+        results["merging"]["rows"] += [row for row in added["merging"]["rows"] if row["label"] not in correct]
+        results["timings"] = {k: results["timings"].get(k, 0) + added["timings"].get(k, 0)
+                              for k in {*results["timings"], *added["timings"]}}
+    correct = {**demo.correct, **correct}
+    (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    torch.save(correct, folder / "correct.pt")
+    return results, correct, names, results["sizes"]
 
 
 def main():
+    from decomp.app.candidates import BENCHMARK_CANDIDATES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".cache" / "merging")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -188,10 +207,12 @@ def main():
     seeds = {}
     for seed in args.seeds:
         cached = args.workdir / f"seed{seed}" / "analysis.json"
-        if cached.exists() and not args.rerun:
-            seeds[seed] = json.loads(cached.read_text())
+        everything = args.all_methods or (seed == 0 and not args.contenders)
+        wanted = [c.label for c in BENCHMARK_CANDIDATES if everything or c.label in CONTENDERS]
+        analysed = json.loads(cached.read_text()) if cached.exists() and not args.rerun else None
+        if analysed is not None and all(label in analysed["rows"] for label in wanted):
+            seeds[seed] = analysed
         else:
-            everything = args.all_methods or (seed == 0 and not args.contenders)
             results, correct, names, sizes = run_seed(args.workdir, seed, everything, args.quick)
             seeds[seed] = {**analyse_seed(results, correct, names, seed), "names": names, "sizes": sizes}
             cached.write_text(json.dumps(seeds[seed], default=lambda a: np.asarray(a).tolist()))

@@ -77,4 +77,6 @@ BENCHMARK_CANDIDATES = [c for c in CANDIDATES if c.label not in ("Fisher (exact)
     Candidate("DELLA (keep 70% ± 7%)", "della", {"density": 0.7, "epsilon": 0.07, "seed": 0}, "scale", "mean grid",
               TASK_VECTORS),
     Candidate("Model Stock", "model_stock", inputs=TASK_VECTORS),
+    Candidate("data-subspace Iso-CTS (ours)", "data_iso_cts", search="scale", values="iso grid",
+              inputs={**TASK_VECTORS, "grams": "grams"}),
 ]

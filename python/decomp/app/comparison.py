@@ -46,7 +46,11 @@ class Comparison:
 
     def load(self, name: str):
         from transformers import BertForSequenceClassification
-        return BertForSequenceClassification.from_pretrained(self.folders[name]).eval()
+        model = BertForSequenceClassification.from_pretrained(self.folders[name]).eval()
+        # the fine-tunes kept their word embeddings frozen (finetune's default): the statistics leave them out too,
+        # as the merges leave them at the base's values; their component directions were half of each model's size
+        model.get_input_embeddings().weight.requires_grad_(False)
+        return model
 
     def run(self) -> dict:
         with tempfile.TemporaryDirectory(prefix="decomp-demo-") as work:
@@ -88,6 +92,8 @@ class Comparison:
                     path = decomp.compute_fisher(model, batches, kind=kind, progress=False).save(
                         work / f"{name}-fisher-{kind}.safetensors")
                     found[f"fisher {kind}"].append(StoredTensors(path))
+                if "grams" not in self.needed:
+                    continue
                 with torch.no_grad():   # Grams need the layers' inputs only, no graph
                     grams = decomp.collect_grams(model, batches, progress=False)
                 found["grams"].append(StoredTensors.write(grams, work / f"{name}-grams.safetensors"))
