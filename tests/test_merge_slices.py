@@ -33,6 +33,7 @@ CASES = {
     "iso_c": [{}],
     "iso_cts": [{}],
     "data_tsv": [{}, {"isotropic": True}],
+    "data_iso_cts": [{}, {"common_space_fraction": 0.5}],
 }
 
 

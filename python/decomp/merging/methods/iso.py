@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..registry import Interval, Parameter, register_merge_method
 from .linear import SCALE
-from .tsv import polar, svd_dtype, svd_slices, thin_svd, unchanged, weighted_task_vectors
+from .tsv import matrix_task_vectors, polar, svd_dtype, svd_slices, thin_svd
 
 
 @register_merge_method("iso_c", needs=("base",), slices=svd_slices, parameters=[SCALE])
@@ -24,11 +24,9 @@ def iso_c(key: str, values: list[Tensor], context) -> Tensor:
     Per 2-D tensor, Δ_TA = Σ_m λ_m τ_m = U Σ Vᵀ (r = min(shape) singular values), σ̄ = trace(Σ) / r,
     Δ = σ̄ U Vᵀ. Other tensors: Δ = (1/M) Σ_m λ_m τ_m (the authors' mean). θ = θ_0 + scale·Δ. SVDs in float32
     on the tensors' device (float64 for float64 models)."""
-    base, taus = weighted_task_vectors(key, values, context)
-    if base.dim() != 2:
-        return base + context.params["scale"] * sum(taus) / len(taus)
-    if unchanged(key, taus, context, "iso_c"):
-        return base
+    base, taus, merged = matrix_task_vectors(key, values, context, "iso_c")
+    if merged is not None:
+        return merged
     u, s, vh = thin_svd(sum(taus).to(svd_dtype(key, context)))
     return base + context.params["scale"] * (s.mean() * u @ vh).double()
 
@@ -54,11 +52,9 @@ def iso_cts(key: str, values: list[Tensor], context) -> Tensor:
     τ_m - U_c U_cᵀ τ_m (its part outside the common left subspace); U = polar([U_1 .. U_M, U_c]) [out, r],
     V = polar([V_1 .. V_M, V_c]) [in, r]; σ̄ = the mean of the r gathered singular values [Σ_1 .. Σ_M, Σ_c];
     Δ = σ̄ U Vᵀ. Other tensors: Δ = (1/M) Σ_m λ_m τ_m. θ = θ_0 + scale·Δ."""
-    base, taus = weighted_task_vectors(key, values, context)
-    if base.dim() != 2:
-        return base + context.params["scale"] * sum(taus) / len(taus)
-    if unchanged(key, taus, context, "iso_cts"):
-        return base
+    base, taus, merged = matrix_task_vectors(key, values, context, "iso_cts")
+    if merged is not None:
+        return merged
     dtype = svd_dtype(key, context)
     common, per_task = subspace_sizes(min(base.shape), len(taus), context.params["common_space_fraction"])
     u, s, vh = thin_svd(sum(taus).to(dtype))

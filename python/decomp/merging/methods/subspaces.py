@@ -21,7 +21,7 @@ from torch import Tensor
 from ..registry import Interval, Parameter, register_merge_method
 from .iso import subspace_sizes
 from .linear import SCALE
-from .tsv import polar, svd_dtype, svd_slices, thin_svd, unchanged, weighted_task_vectors
+from .tsv import matrix_task_vectors, polar, svd_dtype, svd_slices, thin_svd
 
 
 def gram_square_root(gram: Tensor) -> Tensor:
@@ -74,12 +74,9 @@ def data_tsv(key: str, values: list[Tensor], context) -> Tensor:
     Δ = U diag(Σ_1 .. Σ_M) Vᵀ, or with isotropic=True Δ = σ̄ U Vᵀ (σ̄ the mean of the gathered singular values).
     Other 2-D tensors (no Gram: embeddings) take TSV-M's own truncation (C_m = I), noted; other tensors
     Δ = (1/M) Σ_m λ_m τ_m. θ = θ_0 + scale·Δ, τ_m scaled by its λ_m first."""
-    base, taus = weighted_task_vectors(key, values, context)
-    scale = context.params["scale"]
-    if base.dim() != 2:
-        return base + scale * sum(taus) / len(taus)
-    if unchanged(key, taus, context, "data_tsv"):
-        return base
+    base, taus, merged = matrix_task_vectors(key, values, context, "data_tsv")
+    if merged is not None:
+        return merged
     k = min(base.shape) // len(taus)
     if k == 0:
         context.note(key, f"data_tsv: {len(taus)} tasks exceed the rank {min(base.shape)}: kept from the base")
@@ -91,7 +88,7 @@ def data_tsv(key: str, values: list[Tensor], context) -> Tensor:
         return base
     left, right = polar(torch.cat(us, 1)), polar(torch.cat(vhs, 0))
     delta = spectrum.mean() * left @ right if context.params["isotropic"] else left @ torch.diag(spectrum) @ right
-    return tasks.update(base, scale, delta)
+    return tasks.update(base, context.params["scale"], delta)
 
 
 @register_merge_method("data_iso_cts", needs=("base", "grams"), slices=svd_slices, parameters=[SCALE, Parameter(
@@ -107,12 +104,9 @@ def data_iso_cts(key: str, values: list[Tensor], context) -> Tensor:
     data_tsv finds it, triplets (U_m, Σ_m, V_m); U = polar([U_1 .. U_M, U_c]), V = polar([V_1 .. V_M, V_c]),
     σ̄ the mean of the gathered singular values, Δ = σ̄ U Vᵀ. With C_m = I it is Iso-CTS. Other 2-D tensors (no
     Gram: embeddings) take Iso-CTS's own choice, noted; other tensors Δ = (1/M) Σ_m λ_m τ_m. θ = θ_0 + scale·Δ."""
-    base, taus = weighted_task_vectors(key, values, context)
-    scale = context.params["scale"]
-    if base.dim() != 2:
-        return base + scale * sum(taus) / len(taus)
-    if unchanged(key, taus, context, "data_iso_cts"):
-        return base
+    base, taus, merged = matrix_task_vectors(key, values, context, "data_iso_cts")
+    if merged is not None:
+        return merged
     tasks = _TaskMatrices(key, taus, context, "data_iso_cts")
     common, per_task = subspace_sizes(min(base.shape), len(taus), context.params["common_space_fraction"])
     u, s, vh = thin_svd(sum(tasks.taus))
@@ -129,4 +123,4 @@ def data_iso_cts(key: str, values: list[Tensor], context) -> Tensor:
         return base
     left = polar(torch.cat(us + [shared], 1))
     right = polar(torch.cat(vhs + [vh[:common]], 0))
-    return tasks.update(base, scale, spectrum.mean() * left @ right)
+    return tasks.update(base, context.params["scale"], spectrum.mean() * left @ right)

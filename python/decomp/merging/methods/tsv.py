@@ -74,6 +74,15 @@ def weighted_task_vectors(key: str, values: list[Tensor], context) -> tuple[Tens
     return base, [w * t for w, t in zip(context.weights, taus)]
 
 
+def matrix_task_vectors(key: str, values: list[Tensor], context, method: str):
+    """(θ_0, [λ_m τ_m], None) for a matrix some task changed, which the SVD method merges; else (θ_0, [λ_m τ_m],
+    its merged value): θ_0 + scale·(1/M) Σ_m λ_m τ_m for a tensor that is not a matrix, θ_0 for an unchanged one."""
+    base, taus = weighted_task_vectors(key, values, context)
+    if base.dim() != 2:
+        return base, taus, base + context.params["scale"] * sum(taus) / len(taus)
+    return base, taus, base if unchanged(key, taus, context, method) else None
+
+
 @register_merge_method("tsv", needs=("base",), slices=svd_slices, parameters=[SCALE])
 def tsv(key: str, values: list[Tensor], context) -> Tensor:
     """TSV-M: the tasks' top singular vectors, orthogonalised jointly (Gargiulo et al., CVPR 2025).
@@ -83,11 +92,9 @@ def tsv(key: str, values: list[Tensor], context) -> Tensor:
     U⊥ = polar(U), V⊥ = polar(V) (the closest orthogonal matrices, P Qᵀ of their SVDs), Δ = U⊥ Σ V⊥ᵀ.
     Other tensors: Δ = (1/M) Σ_m τ_m. θ = θ_0 + scale·Δ, with τ_m scaled by its λ_m first. When M > r, k = 0
     and the matrix keeps θ_0 (noted). SVDs in float32 on the tensors' device (float64 for float64 models)."""
-    base, taus = weighted_task_vectors(key, values, context)
-    if base.dim() != 2:
-        return base + context.params["scale"] * sum(taus) / len(taus)
-    if unchanged(key, taus, context, "tsv"):
-        return base
+    base, taus, merged = matrix_task_vectors(key, values, context, "tsv")
+    if merged is not None:
+        return merged
     k = min(base.shape) // len(taus)
     if k == 0:
         context.note(key, f"tsv: {len(taus)} tasks exceed the rank {min(base.shape)}: kept from the base")
