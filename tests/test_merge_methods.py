@@ -223,6 +223,20 @@ def test_breadcrumbs_drops_the_largest_and_the_smallest_entries_then_adds():
     close(everything["w"], arithmetic["w"].numpy())
 
 
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_leaves_a_tensor_no_task_changed_at_the_base_without_ranking_it(method, monkeypatch):
+    from decomp.merging.methods import breadcrumbs
+    g = torch.Generator().manual_seed(8)
+    base = {"frozen": torch.randn(40, 3, generator=g, dtype=torch.float64), "w": torch.randn(6, generator=g)}
+    models = [{"frozen": base["frozen"].clone(), "w": base["w"] + 1.0 + m} for m in range(3)]
+    ranked = []
+    real = breadcrumbs.breadcrumbs_mask
+    monkeypatch.setattr(breadcrumbs, "breadcrumbs_mask", lambda t, *a: ranked.append(t.shape) or real(t, *a))
+    merged = decomp.merge(models, method=method, base=base, scale=0.7)
+    assert torch.equal(merged["frozen"], base["frozen"])
+    assert ranked == [(6,)] * 3     # the changed tensor's three task vectors only
+
+
 # --- DELLA -----------------------------------------------------------------------------------------------------------
 
 def uniforms_by_hand(seed, model_index, key, shape):
