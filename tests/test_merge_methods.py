@@ -195,6 +195,17 @@ def test_model_stock_pulls_the_average_towards_the_base_by_the_angle(filter_wise
         decomp.merge(models[:1], method="model_stock", base=base)
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_leaves_a_tensor_no_task_changed_at_the_base(filter_wise):
+    g = torch.Generator().manual_seed(9)
+    base = {k: torch.randn(*s, generator=g, dtype=torch.float64) for k, s in (("frozen", (30, 4)), ("w", (5, 3)))}
+    models = [{"frozen": base["frozen"].clone(), "w": base["w"] + torch.randn(5, 3, generator=g, dtype=torch.float64)}
+              for _ in range(3)]
+    merged = decomp.merge(models, method="model_stock", base=base, filter_wise=filter_wise)
+    assert torch.equal(merged["frozen"], base["frozen"])
+    close(merged["w"], model_stock_by_hand(base["w"].numpy(), [m["w"].numpy() for m in models], filter_wise))
+
+
 # --- Model Breadcrumbs ------------------------------------------------------------------------------------------------
 
 def test_breadcrumbs_drops_the_largest_and_the_smallest_entries_then_adds():
