@@ -148,7 +148,7 @@ def plot(seeds: dict, summary: dict, path: Path) -> None:
         axis.scatter(values, [y] * len(values), color=colour, s=14, zorder=3)
     axis.set_yticks(range(len(order)), order)
     axis.axvline(1.0, color="#dd8452", linestyle="--")
-    axis.set_xlabel("test accuracy / the fine-tuned model's, mean over tasks (bars: mean over seeds; dots: seeds)")
+    axis.set_xlabel("test accuracy / the fine-tuned model's, mean over tasks\n(bars: mean over seeds; dots: seeds)")
     axis.set_xlim(0.5, 1.02)
     figure.tight_layout()
     figure.savefig(path, dpi=130)

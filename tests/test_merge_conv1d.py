@@ -57,3 +57,11 @@ def test_data_tsv_of_a_square_conv1d_weight_is_the_transposed_linear_merge(gpt2s
     linear = decomp.merge(as_linear, method="data_tsv", base={KEY: base.state_dict()[KEY].T.contiguous()},
                           grams=[{MODULE: g[MODULE]} for g in grams])
     torch.testing.assert_close(conv1d[KEY], linear[KEY].T, rtol=1e-6, atol=1e-7)
+
+
+def test_grams_survive_torch_save_and_a_weights_only_load(gpt2s, tmp_path):
+    _, _, grams = gpt2s
+    torch.save(grams[0], tmp_path / "grams.pt")
+    loaded = torch.load(tmp_path / "grams.pt", weights_only=True)
+    assert isinstance(loaded, decomp.Grams) and loaded.stored_in_out == grams[0].stored_in_out
+    assert set(loaded) == set(grams[0]) and all(torch.equal(loaded[k], grams[0][k]) for k in grams[0])

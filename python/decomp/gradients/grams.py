@@ -261,6 +261,13 @@ class Grams(dict):
         super().__init__(grams)
         self.stored_in_out = frozenset(stored_in_out)
 
+    def __reduce__(self):
+        # plain arguments, so that torch.load(weights_only=True) rebuilds it (the class is allowlisted below)
+        return Grams, (dict(self), tuple(sorted(self.stored_in_out)))
+
+
+torch.serialization.add_safe_globals([Grams])
+
 
 def collect_grams(model, data, *, batch_size: int = 32, max_examples: Optional[int] = None, progress: bool = True,
                   distributed: Optional[bool] = None, **options) -> Grams:
