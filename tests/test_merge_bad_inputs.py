@@ -203,6 +203,9 @@ CASES = {
         [r"grams\[0\]", f"'{QUERY}'", r"entry \(0, 0\) is nan"]),
     "Gram with a negative diagonal": (lambda w, o: merge_save(w, o, method="regmean", grams=grams(
         w, gram=-torch.eye(16, dtype=torch.float64))), ValueError, [r"grams\[0\]", "negative diagonal", "-1.0"]),
+    "Grams of one layer in two widths": (lambda w, o: merge_save(w, o, method="regmean", grams=grams(
+        w, module=DENSE, second={DENSE: torch.eye(24, dtype=torch.float64)})), ValueError,
+        [r"grams\[1\]", f"'{DENSE}'", r"\[24, 24\]", r"\[16, 16\]"]),
     "Grams of another model": (lambda w, o: merge_save(w, o, method="regmean", grams=grams(
         w, second={"encoder.fc": torch.eye(4)})), ValueError, [r"grams\[1\]", "'encoder.fc'", "another model"]),
     "corrupt Gram file": (lambda w, o: merge_save(w, o, method="regmean", grams=[w.root / "corrupt.grams",

@@ -65,6 +65,8 @@ class MergeContext:
     notes: dict[str, str] = field(default_factory=dict)
     rows: Optional[slice] = None   # the rows (first dimension) of the tensor the formula is given; None: all
     held: dict = field(default_factory=dict, repr=False)   # id(mapping) -> (key, tensor) read for the tensor
+    gram_widths: dict = field(default_factory=dict, repr=False)   # module -> its Gram's width (every model's)
+    layouts: dict = field(default_factory=dict, repr=False)       # key -> gram_layout(key), found once
 
     def note(self, key: str, text: str) -> None:
         """Records a per-tensor decision (e.g. averaged for want of a Fisher); it ends in the result's notes."""
@@ -96,15 +98,20 @@ class MergeContext:
     def gram_layout(self, key: str) -> Optional[bool]:
         """For a 2-D weight whose module has a Gram [in, in] in every model's grams: whether the weight is stored
         [in, out] (transformers' Conv1D) rather than nn.Linear's [out, in]; None when the Grams do not cover it.
-        A rectangular weight's layout is the side its Gram fits; a square one's comes from collect_grams' record
-        (decomp.Grams.stored_in_out), else from the sources' modules, else it is taken as nn.Linear's, noted."""
+        A rectangular weight's layout is the side its Gram fits (the widths were read when the Grams were
+        checked); a square one's comes from collect_grams' record (decomp.Grams.stored_in_out), else from the
+        sources' modules, else it is taken as nn.Linear's, noted. Found once per key."""
+        if key not in self.layouts:
+            self.layouts[key] = self._find_gram_layout(key)
+        return self.layouts[key]
+
+    def _find_gram_layout(self, key: str) -> Optional[bool]:
         module = key.rsplit(".", 1)[0]
         shape = self.sources[0].shape(key)
-        if not key.endswith(".weight") or len(shape) != 2 or not self.grams or \
-                not all(module in grams for grams in self.grams):
+        if not key.endswith(".weight") or len(shape) != 2 or module not in self.gram_widths:
             return None
         if shape[0] != shape[1]:
-            return self.grams[0][module].shape[0] == shape[0]
+            return self.gram_widths[module] == shape[0]
         for record in [getattr(g, "stored_in_out", None) for g in self.grams] + \
                       [s.stored_in_out() for s in (*self.sources, *([self.base] if self.base else []))]:
             if record is not None:
@@ -313,7 +320,17 @@ def _attach_inputs(context: MergeContext, fishers, grams) -> None:
                                             f"{m})") for c, f in enumerate(per_model)]
                               for m, per_model in enumerate(fishers)]
     if "grams" in needs:
-        context.grams = [_load_grams(g, context.sources[m], keys, f"grams[{m}]") for m, g in enumerate(grams)]
+        loaded = [_load_grams(g, context.sources[m], keys, f"grams[{m}]") for m, g in enumerate(grams)]
+        context.grams = [g for g, _ in loaded]
+        for m, (_, widths) in enumerate(loaded[1:], 1):
+            for module, width in widths.items():
+                if loaded[0][1].get(module, width) != width:
+                    raise ValueError(f"grams[{m}][{module!r}] is [{width}, {width}], grams[0]'s "
+                                     f"[{loaded[0][1][module]}, {loaded[0][1][module]}]: one layer's Grams have one "
+                                     f"width, its input's")
+        # a layer's layout is read off its Gram's width, where every model's Grams cover it
+        context.gram_widths = {module: width for module, width in loaded[0][1].items()
+                               if all(module in widths for _, widths in loaded[1:])}
 
 
 def _load_fisher(fisher, source: Source, keys: list[str], what: str) -> Mapping[str, Tensor]:
@@ -345,9 +362,10 @@ def _load_fisher(fisher, source: Source, keys: list[str], what: str) -> Mapping[
     return fisher
 
 
-def _load_grams(grams, source: Source, keys: list[str], what: str) -> Mapping[str, Tensor]:
-    """The Grams (module name -> [in, in], or a safetensors file of them), each checked against its layer: square,
-    of the layer's input width, finite, symmetric to rounding, with a diagonal >= 0."""
+def _load_grams(grams, source: Source, keys: list[str], what: str) -> tuple[Mapping[str, Tensor], dict[str, int]]:
+    """(the Grams, module -> its Gram's width) for the Grams given as module name -> [in, in] or a safetensors file
+    of them, each of the model's layers' Grams checked against its layer: square, of the layer's input width,
+    finite, symmetric to rounding, with a diagonal >= 0."""
     if isinstance(grams, (str, Path)):
         grams = _read_grams(Path(grams), what)
     if not isinstance(grams, Mapping):
@@ -358,9 +376,12 @@ def _load_grams(grams, source: Source, keys: list[str], what: str) -> Mapping[st
     if not used:
         raise ValueError(f"{what} holds no Gram of the model's layers (it holds {list(grams)[:3]}, the model's "
                          f"layers are e.g. {list(layers)[:3]}): Grams of another model?")
+    widths = {}
     for module in used:
-        _check_gram(grams[module], source.shape(layers[module]), f"{what}[{module!r}]")
-    return grams
+        gram = grams[module]
+        _check_gram(gram, source.shape(layers[module]), f"{what}[{module!r}]")
+        widths[module] = int(gram.shape[0])
+    return grams, widths
 
 
 def _read_grams(path: Path, what: str) -> dict:

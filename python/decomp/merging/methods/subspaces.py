@@ -111,16 +111,11 @@ def data_iso_cts(key: str, values: list[Tensor], context) -> Tensor:
     common, per_task = subspace_sizes(min(base.shape), len(taus), context.params["common_space_fraction"])
     u, s, vh = thin_svd(sum(tasks.taus))
     shared = u[:, :common]
-    us, ss, vhs = [], [], []
-    for tau, root in zip(tasks.taus, tasks.roots):
-        if per_task:
-            u_m, s_m, vh_m = data_truncation(tau - shared @ (shared.T @ tau), root, per_task)
-            us.append(u_m)
-            ss.append(s_m)
-            vhs.append(vh_m)
-    spectrum = torch.cat(ss + [s[:common]])
+    # each task's triplets (none when the common subspace takes the whole rank), then the common ones
+    us, ss, vhs = zip(*[data_truncation(tau - shared @ (shared.T @ tau), root, per_task)
+                        for tau, root in zip(tasks.taus, tasks.roots) if per_task], (shared, s[:common], vh[:common]))
+    spectrum = torch.cat(ss)
     if spectrum.numel() == 0:   # no task changed what its inputs see, and no common subspace
         return base
-    left = polar(torch.cat(us + [shared], 1))
-    right = polar(torch.cat(vhs + [vh[:common]], 0))
+    left, right = polar(torch.cat(us, 1)), polar(torch.cat(vhs, 0))
     return tasks.update(base, context.params["scale"], spectrum.mean() * left @ right)
