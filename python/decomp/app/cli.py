@@ -16,6 +16,7 @@ import sys
 from . import commands
 from .._startup import release
 from .errors import INTERRUPTED, guarded
+from .tasks import SETTABLE, parse_size
 from ..gradients.hf import TASKS
 from ..gradients.outputs import FISHER_KINDS, OUTPUTS
 
@@ -37,6 +38,14 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def size(text: str) -> tuple:
+    """One `decomp demo --size KEY=VALUE`."""
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _common(parser, *, writes: bool = False):
@@ -137,6 +146,9 @@ def _other_parsers(commands_):
     demo.add_argument("-o", "--output", default="decomp-demo",
                       help="output folder (default: decomp-demo; a second run reuses its fine-tunes)")
     demo.add_argument("--quick", action="store_true", help="fewer examples and grid points (a few minutes)")
+    demo.add_argument("--size", type=size, action="append", default=[], metavar="KEY=VALUE",
+                      help=f"change one of the run's sizes ({', '.join(SETTABLE)}), e.g. --size train=1000; "
+                           f"repeatable")
     _common(demo, writes=True)
     demo.set_defaults(run=commands.command_demo)
 

@@ -149,10 +149,11 @@ def command_evaluate(args):
 
 
 def command_demo(args):
-    from .demo import run_demo
+    from .demo import demo_sizes, run_demo
+    demo_sizes(args.quick, dict(args.size))   # checked before the output folder is claimed
     if claim(args.output, "demo", overwrite=args.overwrite, resumable=True) == REPLACE:
         clear(args.output, "demo")
-    results = run_demo(args.output, quick=args.quick)
+    results = run_demo(args.output, quick=args.quick, sizes=dict(args.size))
     print(f"decomp demo: {results['total_seconds']:.0f} s; open {Path(args.output) / 'report.html'} in a browser "
           f"(tables also in results.md, numbers in results.json)")
 

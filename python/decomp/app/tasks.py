@@ -127,6 +127,38 @@ QUICK = {"train": 480, "validation": 96, "test": 150, "epochs": 1, "learning_rat
          "decompose": 240, "sum grid": [0.2, 0.4, 0.7], "mean grid": [0.6, 1.0, 1.5], "svd grid": [0.4, 0.8, 1.2],
          "iso grid": [1.0, 2.0, 3.5]}
 
+# what `decomp demo --size KEY=VALUE` may change (the grids stay the run's own), and each value's type
+SETTABLE = {"train": int, "validation": int, "test": int, "epochs": int, "fisher": int, "decompose": int,
+            "learning_rate": float}
+MIN_DECOMPOSE = 30   # 10 snippets per category: the whitened clusterings keep 16 directions
+
+
+def parse_size(text: str) -> tuple:
+    """(key, value) of one `KEY=VALUE` of the demo's sizes; ValueError naming what is wrong."""
+    key, equals, value = text.partition("=")
+    if not equals or key not in SETTABLE:
+        raise ValueError(f"expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}; got {text!r}")
+    try:
+        number = SETTABLE[key](value)
+    except ValueError:
+        raise ValueError(f"{key} must be {'an integer' if SETTABLE[key] is int else 'a number'}; got "
+                         f"{value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"{key} must be positive and finite; got {value!r}")
+    return key, number
+
+
+def with_sizes(sizes: dict, changes: dict) -> dict:
+    """`sizes` with `changes` (key -> value, as parse_size gives them) applied and checked together."""
+    result = {**sizes, **changes}
+    if result["fisher"] > result["train"]:
+        raise ValueError(f"fisher (the training examples the merges' statistics use) must not exceed train; got "
+                         f"fisher={result['fisher']}, train={result['train']}")
+    if result["decompose"] < MIN_DECOMPOSE:
+        raise ValueError(f"decompose must be at least {MIN_DECOMPOSE} (the clusterings whiten to 16 directions); got "
+                         f"{result['decompose']}")
+    return result
+
 
 def splits(task: Task, sizes: dict, seed: int = 0) -> dict:
     """Fixed, seeded, disjoint test / validation / train splits (test first, so it never changes with sizes).
