@@ -123,13 +123,16 @@ def classifier_forward_backward(model, data):
 
 
 def lm_forward_backward(model, data):
-    """Next-token loss summed over tokens (position t predicts token t + 1), all parameters' batch gradient."""
+    """Next-token loss summed over tokens (position t predicts token t + 1), all parameters' batch gradient. The
+    labels are shifted rather than the logits (as transformers' own causal-LM loss does), so the [N, T, V] logits
+    are never copied."""
     def run():
         for batch in data:
             ids = batch["input_ids"]
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1]
-            torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                              reduction="sum").backward()
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+            following = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+            torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), following.reshape(-1),
+                                              ignore_index=-100, reduction="sum").backward()
         model.zero_grad(set_to_none=True)
     return run
 

@@ -112,6 +112,27 @@ def test_fisher_embedding_matches_reference(shape, dtype, case, device):
     assert_within_rounding(result, expected, magnitude, rounding_steps(N, T), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_bias_and_embedding_split_across_threads_match_reference(dtype, contiguous, device):
+    """Batches large enough that the CPU kernels split them over a team of threads (smaller ones run on one): by
+    valid tokens for the bias, by ids for the embedding; lengths, weights and repeated ids included."""
+    shape = (24, 64, 60, 300)   # about 700 valid tokens x 300 features: above both kernels' one-thread limits
+    N, T, vocabulary, dim = shape
+    _, G, L, W = case_inputs(shape, dtype, device, seed=stable_seed(shape, dtype, "threads"), lengths=True,
+                             weights=True, contiguous=contiguous)
+    ids = torch.randint(0, 40, (N, T), generator=torch.Generator().manual_seed(2)).to(device)
+    ids = ids.masked_fill(torch.arange(T, device=device)[None, :] >= L[:, None], -100)
+    for result, expected, magnitude in (
+            (ops.fisher_linear_bias(poison_padding(G, L), lengths=L, weights=W),
+             reference.fisher_linear_bias(G.double(), lengths=L, weights=W),
+             reference.fisher_linear_bias(G.double().abs(), lengths=L, weights=W)),
+            (ops.fisher_embedding(ids, poison_padding(G, L), vocabulary, lengths=L, weights=W),
+             reference.fisher_embedding(ids, G.double(), vocabulary, lengths=L, weights=W),
+             reference.fisher_embedding(ids, G.double().abs(), vocabulary, lengths=L, weights=W))):
+        assert_within_rounding(result, expected, magnitude, rounding_steps(N, T), dtype)
+
+
 def test_repeated_tokens_are_summed_before_squaring():
     G = torch.tensor([[[1.0], [2.0], [-1.0]]])  # one example, three positions, dim 1
     ids = torch.tensor([[4, 4, 1]])

@@ -224,7 +224,7 @@ namespace {
 
 // sum[j] += sum over the example's `length` rows of src[t * row_stride + j * col_stride], j < count.
 template <bool kContiguous, class Src>
-void add_rows(const Src* src, int64_t row_stride, int64_t col_stride, int64_t length, int64_t count,
+void add_rows(const Src* __restrict src, int64_t row_stride, int64_t col_stride, int64_t length, int64_t count,
               float* __restrict sum) {
   const int64_t stride = kContiguous ? 1 : col_stride;
   for (int64_t t = 0; t < length; ++t) {
@@ -251,20 +251,29 @@ void add_rows(const TensorView& G, int64_t offset, int64_t row_stride, int64_t l
 void fisher_linear_bias_cpu(const TensorView& G, const TensorView& out_view, const FisherInputs& in) {
   const int64_t N = G.size(0), T = G.size(1), width = G.size(2);
   if (N == 0 || width == 0) return;
-  // Threads take whole examples (contiguous rows stream best) into private totals, reduced in thread order so
-  // the result does not depend on scheduling.
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(in.num_threads, N)));
+  // Threads take contiguous ranges of examples holding about equal numbers of valid tokens (contiguous rows
+  // stream best; padding would unbalance equal counts of examples) into private totals, reduced in thread order:
+  // the result depends on the thread count only, never on scheduling. A small batch runs on one thread.
+  std::vector<int64_t> first_token(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n)
+    first_token[n + 1] = first_token[n] + (example_weight(in.weights, n) == 0.0f ? 0 : valid_length(in.lengths, n, T));
+  const int64_t tokens = first_token[N];
+  const int threads = tokens * width < (int64_t{1} << 17)
+                          ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(in.num_threads, N)));
+  std::vector<int64_t> first_example(threads + 1, N);
+  for (int t = 0; t < threads; ++t)
+    first_example[t] = std::lower_bound(first_token.begin(), first_token.end(), tokens * t / threads) -
+                       first_token.begin();
   std::vector<std::vector<float>> totals(threads);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float>& total = totals[omp_get_thread_num()];
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+  for (int part = 0; part < threads; ++part) {   // every part runs, whatever team the runtime grants
+    std::vector<float>& total = totals[part];
     total.assign(width, 0.0f);
     std::vector<float> sum(width);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t length = valid_length(in.lengths, n, T);
+    for (int64_t n = first_example[part]; n < first_example[part + 1]; ++n) {
+      const int64_t length = first_token[n + 1] - first_token[n];
+      if (length == 0) continue;
       const float weight = example_weight(in.weights, n);
-      if (length == 0 || weight == 0.0f) continue;
       std::fill(sum.begin(), sum.end(), 0.0f);
       add_rows(G, n * G.stride(0), G.stride(1), length, width, sum.data());
       for (int64_t j = 0; j < width; ++j) total[j] += weight * sum[j] * sum[j];
@@ -293,9 +302,10 @@ void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const
     const int64_t base = static_cast<int64_t>(order.size());
     for (int64_t t = 0; t < length; ++t) {
       const int64_t id = id_at(n, t);
-      require(id >= 0 && id < vocabulary, "ids must lie in [0, num_embeddings) at valid positions; got " +
-                                              std::to_string(id) + " at example " + std::to_string(n) +
-                                              ", position " + std::to_string(t));
+      if (id < 0 || id >= vocabulary)  // the message only when it is needed: building it costs more than the rest
+        throw std::invalid_argument("ids must lie in [0, num_embeddings) at valid positions; got " +
+                                    std::to_string(id) + " at example " + std::to_string(n) + ", position " +
+                                    std::to_string(t));
       order.push_back(t);
     }
     std::stable_sort(order.begin() + base, order.end(),
@@ -308,20 +318,26 @@ void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const
   }
 
   float* out = out_view.data<float>();
-  constexpr int64_t kChunk = 128;
-  const int64_t chunks = (dim + kChunk - 1) / kChunk;
-  // Threads own disjoint column ranges of `out`, so runs of one id never race.
-#pragma omp parallel for schedule(static) num_threads(std::max(1, in.num_threads))
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int64_t start = chunk * kChunk, count = std::min(kChunk, dim - start);
-    alignas(64) float sum[kChunk];
+  // Each thread owns the rows of `out` whose id it is dealt (id modulo the team), so runs of one id never race and
+  // every row is written whole by one thread. A small batch runs on one thread: starting a team costs more.
+  const int64_t entries = static_cast<int64_t>(order.size()) * dim;
+  const int threads = entries < (int64_t{1} << 16) ? 1 : std::max(1, in.num_threads);
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+  for (int part = 0; part < threads; ++part) {   // every part runs, whatever team the runtime grants
+    std::vector<float> sum(dim);
     for (const Run& run : runs) {
-      std::fill(sum, sum + count, 0.0f);
-      for (int64_t i = run.first; i < run.first + run.count; ++i)
-        add_rows(G, run.example * G.stride(0) + order[i] * G.stride(1) + start * G.stride(2), 0, 1, count, sum);
+      if (run.id % threads != part) continue;
       const float weight = example_weight(in.weights, run.example);
-      float* dst = out + run.id * dim + start;
-      for (int64_t j = 0; j < count; ++j) dst[j] += weight * sum[j] * sum[j];
+      float* __restrict dst = out + run.id * dim;
+      if (run.count == 1 && G.dtype == DType::Float32 && G.stride(2) == 1) {  // most runs: one lookup, no sum
+        const float* __restrict g = G.data<const float>() + run.example * G.stride(0) + order[run.first] * G.stride(1);
+        for (int64_t j = 0; j < dim; ++j) dst[j] += weight * g[j] * g[j];
+        continue;
+      }
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t i = run.first; i < run.first + run.count; ++i)
+        add_rows(G, run.example * G.stride(0) + order[i] * G.stride(1), 0, 1, dim, sum.data());
+      for (int64_t j = 0; j < dim; ++j) dst[j] += weight * sum[j] * sum[j];
     }
   }
 }

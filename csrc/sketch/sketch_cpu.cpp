@@ -150,15 +150,17 @@ void count_sketch_cpu(const TensorView& X, const TensorView* lengths, const Tens
                       const SketchParams& params) {
   const int64_t N = X.size(0), T = X.size(1), d = X.size(2), k = out_view.size(2);
   float* out = out_view.data<float>();
-  std::fill(out, out + N * T * k, 0.0f);
   std::vector<int64_t> bucket;
   std::vector<float> sign;
   count_sketch_hashes(params, d, k, bucket, sign);
+  // Each row is zeroed by the thread that fills it, just before: one pass over the output, not a serial fill of
+  // all of it first (the output is N T k floats, tens of MB at k = 4096).
 #pragma omp parallel for collapse(2) schedule(static) num_threads(std::max(1, params.num_threads))
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t t = 0; t < T; ++t) {
-      if (t >= valid_length(lengths, n, T)) continue;
       float* row = out + (n * T + t) * k;
+      std::fill(row, row + k, 0.0f);
+      if (t >= valid_length(lengths, n, T)) continue;
       const int64_t base = n * X.stride(0) + t * X.stride(1), cs = X.stride(2);
       if (X.dtype == DType::BFloat16) {
         const uint16_t* x = X.data<const uint16_t>() + base;

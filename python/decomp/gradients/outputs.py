@@ -50,21 +50,70 @@ def _sample(log_probs: Tensor, u: Tensor) -> Tensor:
     return drawn.clamp_(max=log_probs.shape[-1] - 1)
 
 
+# logits entries per chunk of rows in the token outputs: a few MB, so the per-row transients stay in cache and the
+# [N, L, V] log-probabilities a language model's vocabulary makes (400 MB at 8 x 256 x 50257) are never allocated
+CHUNK_ENTRIES = 1 << 20
+
+
+def _row_chunks(rows: int, width: int):
+    step = max(1, CHUNK_ENTRIES // max(width, 1))
+    return (slice(start, min(start + step, rows)) for start in range(0, rows, step))
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """Σ_t w[n, t] log softmax(z[n, t])[y[n, t]] per example, from logits z [N, L, V], targets y [N, L] and weights
+    w [N, L] float32 (0 where a position has no target): [N] float32.
+
+    Equal to gathering from z.float().log_softmax(-1), but the log-probabilities are never formed: the forward
+    keeps only each row's logsumexp, and the backward writes dz = w (onehot(y) - softmax(z)) once, chunk by chunk
+    (the log_softmax route allocates and fills several [N, L, V] tensors; at a language model's vocabulary those
+    passes cost as much as a large layer)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        rows = logits.reshape(-1, logits.shape[-1])
+        lse = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+        for chunk in _row_chunks(*rows.shape):
+            lse[chunk] = torch.logsumexp(rows[chunk].float(), -1)
+        lse = lse.view(targets.shape)
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - lse
+        ctx.save_for_backward(logits, targets, weights, lse)
+        return (picked * weights).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, targets, weights, lse = ctx.saved_tensors
+        coefficient = (grad.float()[:, None] * weights).reshape(-1, 1)   # [N L, 1]
+        rows, lse, targets = logits.reshape(-1, logits.shape[-1]), lse.reshape(-1, 1), targets.reshape(-1, 1)
+        result = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
+        for chunk in _row_chunks(*rows.shape):
+            part = result[chunk] if result.dtype == torch.float32 else torch.empty(
+                result[chunk].shape, dtype=torch.float32, device=result.device)
+            torch.sub(rows[chunk].float(), lse[chunk], out=part)
+            part.exp_().mul_(-coefficient[chunk])
+            part.scatter_add_(1, targets[chunk], coefficient[chunk])
+            if part is not result[chunk]:
+                result[chunk] = part
+        return result.view(logits.shape), None, None
+
+
 def _token_targets(task: str, logits: Tensor, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """(log-probs [N, L, V], targets [N, L], mask [N, L]) of the positions that have a target token."""
+    """(logits [N, L, V], targets [N, L], mask [N, L]) of the positions that may have a target token (mask: they
+    do). A causal LM's last position predicts nothing: its target is a placeholder, masked, so that the logits are
+    used whole (no [N, L-1, V] slice for autograd to copy back into a zeroed [N, L, V])."""
     labels = batch.get("labels")
     device = logits.device
     if task == "causal_lm":  # position t predicts token t+1
-        targets = (labels if labels is not None else batch["input_ids"]).to(device)[:, 1:]
-        logits = logits[:, :-1]
+        following = (labels if labels is not None else batch["input_ids"]).to(device)[:, 1:]
+        targets = torch.cat([following, torch.full_like(following[:, :1], -100)], 1)
         mask = targets != -100
         if "attention_mask" in batch:  # both the predicting and the predicted token are real (left padding)
             real = batch["attention_mask"].to(device).bool()
-            mask &= real[:, 1:] & real[:, :-1]
+            mask[:, :-1] &= real[:, 1:] & real[:, :-1]
     else:
         targets = _check_labels(batch, f"a {task} model's output").to(device)
         mask = targets != -100
-    return logits.float().log_softmax(-1), targets.clamp(min=0), mask
+    return logits, targets.clamp(min=0), mask
 
 
 def terms(task: str, logits: Tensor, batch: dict, indices: Tensor, *, output: str = "logprob", seed: int = 0,
@@ -88,18 +137,21 @@ def terms(task: str, logits: Tensor, batch: dict, indices: Tensor, *, output: st
     if output == "logit":
         raise ValueError(f"output='logit' is defined for sequence classification; a {task} model has a logit per "
                          f"token and vocabulary entry: use 'logprob', 'predicted', 'sampled' or 'loss'")
-    log_probs, targets, mask = _token_targets(task, logits, batch)
-    if output == "predicted":
-        targets = log_probs.argmax(-1)
+    logits, targets, mask = _token_targets(task, logits, batch)
+    if output == "predicted":   # log_softmax keeps the order of the logits
+        targets = logits.detach().argmax(-1)
     elif output == "sampled":
-        positions = torch.arange(log_probs.shape[1])
+        predicting = logits[:, :-1] if task == "causal_lm" else logits
+        positions = torch.arange(predicting.shape[1])
         if task == "causal_lm" and "attention_mask" in batch:  # count from each example's first real token
             positions = (batch["attention_mask"].long().cumsum(1)[:, :-1] - 1).clamp(min=0).cpu()
-        targets = _sample(log_probs, uniforms(seed, indices, positions).to(log_probs.device))
-    picked = (log_probs.gather(2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+        with torch.no_grad():
+            drawn = _sample(predicting.float().log_softmax(-1), uniforms(seed, indices, positions).to(logits.device))
+        targets = torch.cat([drawn, targets[:, drawn.shape[1]:]], 1)
+    weights = mask.float()
     if output == "loss":
-        return [-picked / mask.sum(1).clamp(min=1)]
-    return [picked]
+        weights = -weights / mask.sum(1, keepdim=True).clamp(min=1)
+    return [TokenLogProbs.apply(logits, targets, weights)]
 
 
 def fisher_terms(task: str, logits: Tensor, batch: dict, indices: Tensor, *, kind: str, seed: int = 0) -> list[Tensor]:
