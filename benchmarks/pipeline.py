@@ -137,6 +137,34 @@ def lm_forward_backward(model, data):
     return run
 
 
+def input_gradients_only(forward_backward):
+    """The yardstick's own pass with every parameter frozen, from a leaf at the word embeddings' output: the
+    forward and the backward through the activations only, no weight gradient and no decomp. A sketch must run
+    all of it, so this is the fastest any sketch can be here; the gap to forward+backward is the weight-gradient
+    GEMMs (and, for a tied head, the largest of them)."""
+    def build(model, data):
+        run = forward_backward(model, data)
+
+        def floor():
+            params = [p for p in model.parameters() if p.requires_grad]
+            hook = model.get_input_embeddings().register_forward_hook(
+                lambda module, args, output: output.detach().requires_grad_())
+            for p in params:
+                p.requires_grad_(False)
+            try:
+                run()
+            finally:
+                hook.remove()
+                for p in params:
+                    p.requires_grad_(True)
+        return floor
+    return build
+
+
+FLOOR = "input gradients only (floor)"
+FLOOR_COVERS = "nothing: forward and input-gradient backward, parameters frozen (what any sketch must run)"
+
+
 def decomp_method(function, **kwargs):
     def build(model, data):
         batch_size = len(data[0]["input_ids"])
@@ -209,6 +237,7 @@ def cases(groups, args) -> list[dict]:
     if "minilm" in groups:
         methods = {
             "forward+backward": (classifier_forward_backward, "all parameters' batch gradient (the yardstick)", False),
+            FLOOR: (input_gradients_only(classifier_forward_backward), FLOOR_COVERS, False),
             "sketch_gradients": (decomp_method(decomp.sketch_gradients),
                                  "every parameter, word embeddings included; default K", False),
             "compute_fisher empirical": (decomp_method(decomp.compute_fisher, kind="empirical"),
@@ -250,10 +279,12 @@ def cases(groups, args) -> list[dict]:
 
 
 def bf16_methods(forward_backward) -> dict:
-    """forward+backward, sketch_gradients and the empirical Fisher (the LM cases and the bfloat16 cases)."""
+    """forward+backward, its input-gradient floor, sketch_gradients and the empirical Fisher (the LM cases and the
+    bfloat16 cases)."""
     import decomp
     return {
         "forward+backward": (forward_backward, "all parameters' batch gradient (the yardstick)", False),
+        FLOOR: (input_gradients_only(forward_backward), FLOOR_COVERS, False),
         "sketch_gradients": (decomp_method(decomp.sketch_gradients),
                              "every parameter (embeddings and tied heads included); default K; output logprob",
                              False),
