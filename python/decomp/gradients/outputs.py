@@ -86,13 +86,14 @@ class TokenLogProbs(torch.autograd.Function):
         coefficient = (grad.float()[:, None] * weights).reshape(-1, 1)   # [N L, 1]
         rows, lse, targets = logits.reshape(-1, logits.shape[-1]), lse.reshape(-1, 1), targets.reshape(-1, 1)
         result = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
+        in_place = result.dtype == torch.float32   # else each chunk is computed in float32, then cast into place
         for chunk in _row_chunks(*rows.shape):
-            part = result[chunk] if result.dtype == torch.float32 else torch.empty(
-                result[chunk].shape, dtype=torch.float32, device=result.device)
+            part = result[chunk] if in_place else torch.empty(result[chunk].shape, dtype=torch.float32,
+                                                              device=result.device)
             torch.sub(rows[chunk].float(), lse[chunk], out=part)
             part.exp_().mul_(-coefficient[chunk])
             part.scatter_add_(1, targets[chunk], coefficient[chunk])
-            if part is not result[chunk]:
+            if not in_place:
                 result[chunk] = part
         return result.view(logits.shape), None, None
 
