@@ -5,7 +5,8 @@
 
 For each kernel and shape: reference and native time (median of interleaved repeats), speedup, achieved rate,
 the floor (fisher_linear: a torch GEMM of equal FLOPs; the bias: a torch sum that reads the same bytes; the
-embedding: index_add_ of the same rows into the same table) and native time as a multiple of it, and the peak extra memory of one call measured in a fresh process.
+embedding: index_add_ of the same rows into the same table) and native time as a multiple of it, and the peak extra
+memory of one call measured in a fresh process.
 On CUDA the device-to-device copy bandwidth is measured in the same run, timings use device events. Writes
 benchmarks/results/kernels_cpu.json and .md on the CPU, benchmarks/results/<gpu name>.json and .md on a GPU.
 """
@@ -240,8 +241,9 @@ def main(argv=None):
             f"decomp.reference; for sketch_dense and sketch_linear the best plain-PyTorch way with torch's own "
             f"generator for S (chunks of {DENSE_CHUNK} columns for dense). Floor: fisher_linear, sketch_dense, "
             f"sketch_linear - a torch GEMM of equal FLOPs (valid tokens only; for dense, X times a stored S); "
-            f"bias - a torch sum reading the same bytes; embedding - index_add_ of the same rows into the same [V, dim] "
-            f"table (the bound is the read-modify-write of a table row per token, not reading G); count_sketch_linear - its FFT part alone. "
+            f"bias - a torch sum reading the same bytes; embedding - index_add_ of the same rows into the same "
+            f"[V, dim] table (the bound is the read-modify-write of a table row per token, not reading G); "
+            f"count_sketch_linear - its FFT part alone. "
             f"Rate: GFLOP/s, or GB/s of input read. Peak extra memory (Fisher kernels): resident bytes of one call "
             f"beyond those before it, in a fresh process after a warm-up call on a tiny input.\n\n"
             + copy_note + h.markdown_table(rows, columns))
