@@ -156,3 +156,33 @@ def test_ranks_that_disagree_fail_before_any_work(tmp_path, job, names):
         assert result.returncode == 3, f"rank {rank}: {result.returncode}\n{result.stderr[-3000:]}"
         assert "the ranks disagree before any work was done" in result.stderr and names in result.stderr
     assert not list(tmp_path.glob("store/progress-*.json")), "a batch was computed before the check"
+
+
+# One rank of a torchrun-launched command: decomp joins the group before transformers is imported (a model loads
+# later), then leaves it. The group must die inside destroy_process_group, while the interpreter is alive.
+LEAVE_GROUP = """
+import sys
+import torch.distributed as dist
+from decomp import distributed
+assert distributed.init_from_environment()
+import transformers.modeling_utils  # noqa: F401  (what loading a model imports; it brings torch.distributed.nn)
+group = dist.distributed_c10d._get_default_group()
+dist.destroy_process_group()
+print(sys.getrefcount(group) - 1)
+"""
+
+
+def test_a_command_under_torchrun_frees_its_process_group_before_the_interpreter_exits():
+    """If anything still holds the group after destroy_process_group, gloo's worker threads outlive it into the
+    interpreter's teardown, where releasing the last collective's tensors aborts the process (SIGABRT, about one
+    torchrun run in fifty). The only reference left must be the test's own."""
+    port = free_port()
+    processes = [subprocess.Popen([sys.executable, "-c", LEAVE_GROUP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank),
+                                                  "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+                                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for rank in range(WORLD)]
+    for rank, process in enumerate(processes):
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+        assert process.returncode == 0, f"rank {rank}:\n{stderr[-4000:]}"
+        assert stdout.split() == ["1"], f"rank {rank}: other references to the process group remain ({stdout!r})"

@@ -54,6 +54,11 @@ def init_from_environment() -> bool:
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.nn's functions take `group=group.WORLD` as a default, evaluated when it is imported (by
+    # transformers, when a model loads). Imported after the group exists, it would keep the group alive past
+    # destroy_process_group, until the interpreter's teardown; gloo's worker threads, still releasing the last
+    # collective's tensors, then find no GIL to take and abort the process (SIGABRT after a successful run).
+    import torch.distributed.nn as _functional_collectives  # noqa: F401
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
 
