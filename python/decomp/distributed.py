@@ -11,6 +11,7 @@ settings and data, and fails with an error naming what differs.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ def init_from_environment() -> bool:
     # transformers, when a model loads). Imported after the group exists, it would keep the group alive past
     # destroy_process_group, until the interpreter's teardown; gloo's worker threads, still releasing the last
     # collective's tensors, then find no GIL to take and abort the process (SIGABRT after a successful run).
-    import torch.distributed.nn as _functional_collectives  # noqa: F401
+    importlib.import_module("torch.distributed.nn")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
 
