@@ -30,14 +30,16 @@ LINEAR_SHAPES = [(32, 1, 384, 1536, False), (32, 16, 384, 1536, False), (32, 128
                  (16, 128, 768, 3072, False), (32, 128, 384, 1536, True)]
 EMBEDDING_SHAPES = [(32, 48, 30522, 384), (32, 128, 30522, 384)]  # (N, T, vocabulary, dim): MiniLM's table
 DENSE_SHAPES = [(32, 1 << 20, 1024), (32, 1 << 20, 4096)]  # (N, p, k)
-SKETCH_LINEAR_SHAPES = [(32, 48, 384, 1536, 16, 16), (32, 48, 1536, 384, 16, 16)]  # (N, T, in, out, k_out, k_in)
+# (N, T, in, out, k_out, k_in, padded)
+SKETCH_LINEAR_SHAPES = [(32, 48, 384, 1536, 16, 16, False), (32, 48, 1536, 384, 16, 16, False),
+                        (32, 48, 384, 1536, 16, 16, True), (32, 48, 384, 1536, 8, 8, True)]
 COUNT_SHAPES = [(32, 48, 384, 1536, 4096), (32, 48, 1536, 384, 4096)]  # (N, T, in, out, k)
 DENSE_CHUNK = 1 << 14
 # --smoke: one tiny shape per kernel (and the padded linear case), every code path in seconds
 SMOKE_PLAN = [("fisher_linear", (4, 3, 16, 24, False)), ("fisher_linear", (4, 6, 16, 24, True)),
               ("fisher_linear_bias", (4, 1, 16, 24, False)), ("fisher_linear_bias", (4, 6, 16, 24, True)),
               ("fisher_embedding", (4, 6, 50, 8)), ("sketch_dense", (4, 1 << 15, 64)),
-              ("sketch_linear", (4, 6, 16, 24, 4, 4)), ("count_sketch_linear", (4, 6, 16, 24, 64))]
+              ("sketch_linear", (4, 6, 16, 24, 4, 4, True)), ("count_sketch_linear", (4, 6, 16, 24, 64))]
 
 
 def rademacher_from_torch(rows, cols, generator):
@@ -88,18 +90,25 @@ def sketch_calls(kernel, shape, device):
 
         return baseline, lambda: ops.sketch_dense(X, k=k, seed=0), floor, (2 * N * p * k, "GFLOP/s")
     if kernel == "sketch_linear":
-        N, T, fin, fout, k_out, k_in = shape
+        N, T, fin, fout, k_out, k_in, padded = shape
         A, G = torch.randn(N, T, fin, generator=g).to(device), torch.randn(N, T, fout, generator=g).to(device)
-        flops = 2 * N * T * (fout * k_out + fin * k_in + k_out * k_in)
-        left, right = torch.randn(N * T, fout + fin, generator=g), torch.randn(fout + fin, k_out, generator=g)
+        lengths = torch.full((N,), T // 2 if padded else T, dtype=torch.int64, device=device)
+        tokens = int(lengths.sum())
+        flops = 2 * tokens * (fout * k_out + fin * k_in + k_out * k_in)
+        left, right = torch.randn(tokens, fout + fin, generator=g), torch.randn(fout + fin, k_out, generator=g)
+        keep = (torch.arange(T, device=device)[None, :] < lengths[:, None])[..., None].float()
 
-        def baseline():
+        def baseline():   # padding masked on the small projected side, as a torch user would
             S_out = rademacher_from_torch(k_out, fout, torch.Generator(device=device).manual_seed(1))
             S_in = rademacher_from_torch(k_in, fin, torch.Generator(device=device).manual_seed(2))
-            return torch.bmm((G @ S_out.T).transpose(1, 2), A @ S_in.T).reshape(N, -1)
+            projected_g = G @ S_out.T
+            if padded:
+                projected_g.mul_(keep)
+            return torch.bmm(projected_g.transpose(1, 2), A @ S_in.T).reshape(N, -1)
 
         left, right = left.to(device), right.to(device)
-        return (baseline, lambda: ops.sketch_linear(A, G, k_out=k_out, k_in=k_in, seed=0),
+        return (baseline, lambda: ops.sketch_linear(A, G, k_out=k_out, k_in=k_in, seed=0,
+                                                    lengths=lengths if padded else None),
                 lambda: left @ right, (flops, "GFLOP/s"))
     N, T, fin, fout, k = shape
     A, G = torch.randn(N, T, fin, generator=g).to(device), torch.randn(N, T, fout, generator=g).to(device)
@@ -161,7 +170,8 @@ def shape_label(kernel, shape):
     if kernel == "sketch_dense":
         return f"N={shape[0]} p=2^{shape[1].bit_length() - 1} k={shape[2]}"
     if kernel == "sketch_linear":
-        return f"N={shape[0]} T={shape[1]} {shape[2]}->{shape[3]} k={shape[4]}x{shape[5]}"
+        return (f"N={shape[0]} T={shape[1]} {shape[2]}->{shape[3]} k={shape[4]}x{shape[5]}"
+                + (" half padded" if shape[6] else ""))
     if kernel == "count_sketch_linear":
         return f"N={shape[0]} T={shape[1]} {shape[2]}->{shape[3]} k={shape[4]}"
     if kernel == "fisher_embedding":

@@ -147,4 +147,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("X"), py::arg("lengths"), py::arg("out"), py::arg("seed"), py::arg("stream"), py::arg("num_threads"),
       py::arg("cuda_stream"));
+  m.def(
+      "kronecker_sketch",
+      [](const TensorView& A, const TensorView& G, const TensorView& S_out, const TensorView& S_in,
+         const std::optional<TensorView>& lengths, const TensorView& out, int num_threads) {
+        py::gil_scoped_release release;
+        decomp::kronecker_sketch(A, G, S_out, S_in, lengths ? &*lengths : nullptr, out, num_threads);
+      },
+      py::arg("A"), py::arg("G"), py::arg("S_out"), py::arg("S_in"), py::arg("lengths"), py::arg("out"),
+      py::arg("num_threads"));
 }

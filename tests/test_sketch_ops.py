@@ -155,6 +155,54 @@ def test_sketches_do_not_depend_on_the_batch_split(device):
         torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
 
 
+def strided(x):
+    """x as a view whose token rows are not contiguous (feature stride T)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("N, T, fin, fout, k_out, k_in", [(3, 13, 37, 300, 17, 33), (11, 1, 50, 20, 16, 5),
+                                                          (2, 40, 1, 9, 1, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kronecker_from_projections_adds_into_a_block_of_a_wider_row(N, T, fin, fout, k_out, k_in, dtype, device):
+    """The fused pass over tokens: projections spanning several panels of 16 columns (and ragged ones), tiles of
+    tokens spanning examples (T = 1), rows read through strides, NaN padding never read, the result added into
+    a block of wider rows as the sketch engine's feature rows are, and nothing outside the block touched."""
+    A, G, lengths = factor_inputs(N, T, fin, fout, dtype, True, stable_seed(N, T, fin, "fused"))
+    g = torch.Generator().manual_seed(5)
+    S_out, S_in = torch.randn(k_out, fout, generator=g), torch.randn(k_in, fin, generator=g)
+    wide = torch.randn(N, k_out * k_in + 7, generator=g)
+    before, wide = wide.clone(), wide.to(device)
+    block = slice(3, 3 + k_out * k_in)
+    ops.kronecker_from_projections(strided(A).to(device), strided(G).to(device), S_out.to(device), S_in.to(device),
+                                   lengths.to(device), out=wide[:, block])
+    wide = wide.cpu()
+    expected = before[:, block].double() + reference.kronecker_from_projections(
+        A.double(), G.double(), S_out.double(), S_in.double(), lengths)
+    magnitude = before[:, block].double().abs() + reference.kronecker_from_projections(
+        A.double().abs().nan_to_num(), G.double().abs().nan_to_num(), S_out.double().abs(), S_in.double().abs(),
+        lengths)
+    assert_within_rounding(wide[:, block], expected, magnitude, max(fin, fout) + T + 4)
+    assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(wide[:, block.stop:], before[:, block.stop:])
+
+
+def test_an_examples_kronecker_sketch_depends_on_its_own_rows_only():
+    """Bit for bit whatever else is in the batch, however long its padding, and however many threads run (the
+    stores of one run sharded over ranks or batch sizes must hold the same rows)."""
+    A, G, lengths = factor_inputs(9, 23, 128, 96, torch.float32, True, 8)
+    g = torch.Generator().manual_seed(6)
+    S_out, S_in = torch.randn(16, 96, generator=g), torch.randn(16, 128, generator=g)
+    whole = ops.kronecker_from_projections(A, G, S_out, S_in, lengths)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(ops.kronecker_from_projections(A, G, S_out, S_in, lengths), whole)
+    finally:
+        torch.set_num_threads(threads)
+    for n, length in enumerate(lengths.tolist()):
+        alone = ops.kronecker_from_projections(A[n:n + 1, :length], G[n:n + 1, :length], S_out, S_in, None)
+        assert torch.equal(alone[0], whole[n]), n
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it on one)")
 def test_cuda_and_cpu_give_the_same_sketches_for_one_seed():
     g = torch.Generator().manual_seed(12)
@@ -270,6 +318,9 @@ def test_sketch_ops_pass_opcheck_and_compile():
     X = torch.randn(3, 40)
     torch.library.opcheck(torch.ops.decomp.sketch_dense.default, (X, 8, 1, 3, "rademacher"))
     torch.library.opcheck(torch.ops.decomp.count_sketch.default, (A3, 8, 1, 3, torch.tensor([3, 1])))
+    torch.library.opcheck(torch.ops.decomp.kronecker_sketch_into.default,
+                          (A3, G3, torch.randn(2, G3.shape[2]), torch.randn(3, A3.shape[2]), torch.tensor([3, 1]),
+                           torch.zeros(A3.shape[0], 6)))
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: ops.sketch_dense(x * 2, k=8, seed=1), fullgraph=True, backend="eager")
     assert torch.equal(compiled(X), ops.sketch_dense(X * 2, k=8, seed=1))

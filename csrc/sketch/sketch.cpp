@@ -52,4 +52,25 @@ void count_sketch(const TensorView& X, const TensorView* lengths, const TensorVi
            });
 }
 
+void kronecker_sketch(const TensorView& A, const TensorView& G, const TensorView& S_out, const TensorView& S_in,
+                      const TensorView* lengths, const TensorView& out, int num_threads) {
+  const bool floating = G.dtype == DType::Float32 || G.dtype == DType::BFloat16;
+  require(A.dim() == 3 && G.dim() == 3 && floating && A.dtype == G.dtype && A.size(0) == G.size(0) &&
+              A.size(1) == G.size(1),
+          "A and G must be [N, T, in] and [N, T, out] of one floating dtype");
+  require(S_out.dim() == 2 && S_out.dtype == DType::Float32 && S_out.size(1) == G.size(2) && S_in.dim() == 2 &&
+              S_in.dtype == DType::Float32 && S_in.size(1) == A.size(2),
+          "S_out and S_in must be float32 [k_out, out] and [k_in, in]");
+  require(out.dim() == 2 && out.dtype == DType::Float32 && out.size(0) == A.size(0) &&
+              out.size(1) == S_out.size(0) * S_in.size(0) && (out.stride(1) == 1 || out.size(1) <= 1),
+          "out must be float32 [N, k_out * k_in] with unit column stride");
+  for (const TensorView* t : {&G, &S_out, &S_in, &out})
+    require(t->device == A.device && t->device_index == A.device_index, "every tensor must be on A's device");
+  require(!lengths || (lengths->dim() == 1 && lengths->size(0) == A.size(0) && lengths->dtype == DType::Int64 &&
+                       lengths->stride(0) == 1 && lengths->device == A.device),
+          "lengths must be a contiguous int64 [N] vector on A's device");
+  require(A.device == DeviceType::CPU, "kronecker_sketch runs on the CPU only (on CUDA, torch's GEMMs do)");
+  kronecker_sketch_cpu(A, G, S_out, S_in, lengths, out, num_threads);
+}
+
 }  // namespace decomp

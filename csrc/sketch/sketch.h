@@ -4,6 +4,9 @@
 //   sketch_dense:      out[n, r] = sum_c S[r, c + offset] X[n, c]                       X [N, p] -> out [N, k]
 //   count_sketch:      out[n, t, h(j)] += s(j) X[n, t, j] for t < L_n (rows t >= L_n are zero)
 //                      X [N, T, d] -> out [N, T, k]; h, s from the row 0 and row 1 hashes of `stream`
+//   kronecker_sketch:  out[n, i k_in + j] += sum_{t < L_n} (S_out G[n, t])_i (S_in A[n, t])_j
+//                      A [N, T, in], G [N, T, out], S_out [k_out, out], S_in [k_in, in] -> out [N, k_out k_in]
+//                      (CPU only: on CUDA, decomp's Python layer runs cuBLAS GEMMs)
 #pragma once
 
 #include <vector>
@@ -42,11 +45,15 @@ inline void count_sketch_hashes(const SketchParams& params, int64_t d, int64_t k
 void projection_matrix(const TensorView& out, const SketchParams& params);
 void sketch_dense(const TensorView& X, const TensorView& out, const SketchParams& params);
 void count_sketch(const TensorView& X, const TensorView* lengths, const TensorView& out, const SketchParams& params);
+void kronecker_sketch(const TensorView& A, const TensorView& G, const TensorView& S_out, const TensorView& S_in,
+                      const TensorView* lengths, const TensorView& out, int num_threads);
 
 void projection_matrix_cpu(const TensorView& out, const SketchParams& params);
 void sketch_dense_cpu(const TensorView& X, const TensorView& out, const SketchParams& params);
 void count_sketch_cpu(const TensorView& X, const TensorView* lengths, const TensorView& out,
                       const SketchParams& params);
+void kronecker_sketch_cpu(const TensorView& A, const TensorView& G, const TensorView& S_out, const TensorView& S_in,
+                          const TensorView* lengths, const TensorView& out, int num_threads);
 
 #ifdef DECOMP_WITH_CUDA
 void projection_matrix_cuda(const TensorView& out, const SketchParams& params);

@@ -80,6 +80,150 @@ void pack_examples(const Src* x, int64_t row_stride, int64_t col_stride, int64_t
   }
 }
 
+// ---- kronecker_sketch: both factors projected token by token, the outer products summed in cache ----------
+
+constexpr int kTileTokens = 12;   // tokens per tile: a multiple of every micro-kernel's row count
+
+// A panel of S is 8 or 16 columns wide, one column one vector of that many floats (the compiler splits a vector
+// wider than the machine's). 8 where k <= 8 (the default 8 x 8 blocks): a 16-wide vector would be half zeros.
+typedef float vfloat8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vfloat16 __attribute__((vector_size(16 * sizeof(float))));
+
+int64_t panel_width(int64_t k) { return k <= 8 ? 8 : 16; }
+
+// S [k, d] as panels of `width` rows: panel p holds packed[(p d + c) width + lane] = S[p width + lane, c], zero
+// past k.
+AlignedBuffer<float> pack_panels(const TensorView& S, int64_t width) {
+  const int64_t k = S.size(0), d = S.size(1), size = (k + width - 1) / width * width * d;
+  auto packed = aligned_buffer<float>(size);
+  std::fill(packed.get(), packed.get() + size, 0.0f);
+  const float* s = S.data<const float>();
+  for (int64_t r = 0; r < k; ++r)
+    for (int64_t c = 0; c < d; ++c)
+      packed[((r / width) * d + c) * width + r % width] = s[r * S.stride(0) + c * S.stride(1)];
+  return packed;
+}
+
+// tile[r ldt + 0:W] = sum_c rows[r][c] panel[c W + 0:W] for r < R (W = V's lanes), summed in c order: R
+// accumulators in registers; per column one load of S and R broadcasts.
+template <class V, int R>
+void project_micro_kernel(const float* const* rows, const float* __restrict panel, int64_t d, float* tile,
+                          int64_t ldt) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  V acc[R] = {};
+  for (int64_t c = 0; c < d; ++c) {
+    const V s = *reinterpret_cast<const V*>(panel + c * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] += rows[r][c] * s;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) std::memcpy(tile + r * ldt, &acc[r], sizeof(V));
+}
+
+// A whole tile of kTileTokens rows against one panel, in micro-kernels of as many rows as registers allow.
+template <class V>
+void project_tile(const float* const* rows, const float* panel, int64_t d, float* tile, int64_t ldt) {
+  constexpr int R = sizeof(V) / sizeof(float) <= kVecWidth ? 12 : 6;
+  for (int r0 = 0; r0 < kTileTokens; r0 += R)
+    project_micro_kernel<V, R>(rows + r0, panel, d, tile + r0 * ldt, ldt);
+}
+
+// Row (n, t) of X [N, T, d] as d contiguous float32 values: in place when it is one already, else widened from
+// bfloat16 or gathered from a strided row into `scratch`.
+const float* token_row(const TensorView& X, int64_t n, int64_t t, float* scratch) {
+  const int64_t d = X.size(2), offset = n * X.stride(0) + t * X.stride(1), cs = X.stride(2);
+  if (X.dtype == DType::Float32 && (cs == 1 || d <= 1)) return X.data<const float>() + offset;
+  if (X.dtype == DType::BFloat16) {
+    const uint16_t* x = X.data<const uint16_t>() + offset;
+    for (int64_t j = 0; j < d; ++j) scratch[j] = bf16_to_float(x[j * cs]);
+  } else {
+    const float* x = X.data<const float>() + offset;
+    for (int64_t j = 0; j < d; ++j) scratch[j] = x[j * cs];
+  }
+  return scratch;
+}
+
+// One factor's side of a tile: the packed projection, the tile's token rows and their projections.
+struct Side {
+  const TensorView& X;
+  const float* panels;
+  int64_t width;                  // of a panel
+  int64_t k_padded;               // projected columns, rounded up to whole panels
+  AlignedBuffer<float> scratch;   // kTileTokens rows of X, where a row must be copied
+  AlignedBuffer<float> projected; // [kTileTokens, k_padded]
+  const float* rows[kTileTokens];
+
+  Side(const TensorView& X_, const float* panels_, int64_t k)
+      : X(X_), panels(panels_), width(panel_width(k)), k_padded((k + width - 1) / width * width),
+        scratch(aligned_buffer<float>(kTileTokens * X_.size(2))),
+        projected(aligned_buffer<float>(kTileTokens * k_padded)) {}
+
+  void take(int r, int64_t n, int64_t t) { rows[r] = token_row(X, n, t, scratch.get() + r * X.size(2)); }
+
+  void project(int filled) {
+    for (int r = filled; r < kTileTokens; ++r) rows[r] = rows[0];   // unused rows: any readable row, ignored
+    const int64_t d = X.size(2);
+    for (int64_t p = 0; p < k_padded / width; ++p) {
+      if (width == 8)
+        project_tile<vfloat8>(rows, panels + p * d * width, d, projected.get() + p * width, k_padded);
+      else
+        project_tile<vfloat16>(rows, panels + p * d * width, d, projected.get() + p * width, k_padded);
+    }
+  }
+};
+
+// Examples [first, last): out[n, i k_in + j] += sum over valid t of (S_out g_t)_i (S_in a_t)_j. Tiles of tokens
+// may span examples; each token's projections are whole sums (the same whichever tile holds it) and its outer
+// product is added to its example's sum in token order, so an example's result depends on its own rows only.
+void kronecker_examples(const TensorView& A, const TensorView& G, const float* panels_out, int64_t k_out,
+                        const float* panels_in, int64_t k_in, const TensorView* lengths, const TensorView& out_view,
+                        int64_t first, int64_t last) {
+  const int64_t T = A.size(1);
+  Side g(G, panels_out, k_out), a(A, panels_in, k_in);
+  auto sum = aligned_buffer<float>(k_out * a.k_padded);
+  std::fill(sum.get(), sum.get() + k_out * a.k_padded, 0.0f);
+  int64_t owner[kTileTokens];
+  int64_t current = -1;   // the example whose sum is open
+  int filled = 0;
+
+  auto close = [&] {   // out[current] += its sum, which starts again from zero
+    if (current < 0) return;
+    float* out = out_view.data<float>() + current * out_view.stride(0);
+    for (int64_t i = 0; i < k_out; ++i)
+      for (int64_t j = 0; j < k_in; ++j) out[i * k_in + j] += sum[i * a.k_padded + j];
+    std::fill(sum.get(), sum.get() + k_out * a.k_padded, 0.0f);
+  };
+  auto flush = [&] {
+    g.project(filled);
+    a.project(filled);
+    const int64_t vectors = a.k_padded / 8;
+    for (int r = 0; r < filled; ++r) {
+      if (owner[r] != current) {
+        close();
+        current = owner[r];
+      }
+      const float* pg = g.projected.get() + r * g.k_padded;
+      const vfloat8* pa = reinterpret_cast<const vfloat8*>(a.projected.get() + r * a.k_padded);
+      for (int64_t i = 0; i < k_out; ++i) {
+        vfloat8* row = reinterpret_cast<vfloat8*>(sum.get() + i * a.k_padded);
+        for (int64_t v = 0; v < vectors; ++v) row[v] += pg[i] * pa[v];
+      }
+    }
+    filled = 0;
+  };
+  for (int64_t n = first; n < last; ++n) {
+    const int64_t length = valid_length(lengths, n, T);
+    for (int64_t t = 0; t < length; ++t) {
+      owner[filled] = n;
+      g.take(filled, n, t);
+      a.take(filled, n, t);
+      if (++filled == kTileTokens) flush();
+    }
+  }
+  if (filled) flush();
+  close();
+}
+
 }  // namespace
 
 void projection_matrix_cpu(const TensorView& out, const SketchParams& params) {
@@ -171,6 +315,29 @@ void count_sketch_cpu(const TensorView& X, const TensorView* lengths, const Tens
       }
     }
   }
+}
+
+void kronecker_sketch_cpu(const TensorView& A, const TensorView& G, const TensorView& S_out, const TensorView& S_in,
+                          const TensorView* lengths, const TensorView& out, int num_threads) {
+  const int64_t N = A.size(0), T = A.size(1), k_out = S_out.size(0), k_in = S_in.size(0);
+  if (N == 0 || T == 0 || k_out == 0 || k_in == 0) return;
+  const AlignedBuffer<float> panels_out = pack_panels(S_out, panel_width(k_out));
+  const AlignedBuffer<float> panels_in = pack_panels(S_in, panel_width(k_in));
+  // Threads take contiguous ranges of examples holding about equal numbers of valid tokens (padding would
+  // unbalance equal counts of examples); each example is summed by one thread, so nothing depends on the split.
+  std::vector<int64_t> first_token(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n) first_token[n + 1] = first_token[n] + valid_length(lengths, n, T);
+  const int64_t tokens = first_token[N], work = tokens * (A.size(2) * k_in + G.size(2) * k_out);
+  const int threads =
+      work < (int64_t{1} << 18) ? 1 : static_cast<int>(std::min<int64_t>(std::max(1, num_threads), N));
+  std::vector<int64_t> first_example(threads + 1, N);
+  for (int part = 0; part < threads; ++part)
+    first_example[part] = std::lower_bound(first_token.begin(), first_token.end(), tokens * part / threads) -
+                          first_token.begin();
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+  for (int part = 0; part < threads; ++part)   // every part runs, whatever team the runtime grants
+    kronecker_examples(A, G, panels_out.get(), k_out, panels_in.get(), k_in, lengths, out, first_example[part],
+                       first_example[part + 1]);
 }
 
 }  // namespace decomp

@@ -148,7 +148,7 @@ class SketchJob(GradientJob):
         block = self._block(name)
         for c in contributions:
             if c.kind == "outer":
-                block += ops.kronecker_from_projections(c.right, c.left, S_rows, S_cols, c.lengths)
+                ops.kronecker_from_projections(c.right, c.left, S_rows, S_cols, c.lengths, out=block)
             else:  # the one-hot side projects to the columns of S_rows at the ids
                 projected_left = ops.masked_rows(S_rows.T[c.left], c.lengths)               # [N, T, k_out]
                 projected_right = c.right.to(S_cols.dtype) @ S_cols.T                      # [N, T, k_in]

@@ -330,8 +330,8 @@ def sketch_linear(A: Tensor, G: Tensor, *, k_out: int, k_in: int, seed: int, len
 
     A: [N, T, in] or [N, in]; G: [N, T, out] or [N, out]; lengths: [N]. S = S_out (x) S_in with S_out [k_out, out]
     and S_in [k_in, in] from streams of the same seed, each scaled by 1/sqrt(rows). Returns [N, k_out * k_in]
-    float32, row-major over (k_out, k_in). The small projections come from the native generator; the products
-    are torch GEMMs (which no hand-written kernel here beats; see benchmarks/results).
+    float32, row-major over (k_out, k_in). The projections come from the native generator; the products from
+    kronecker_from_projections.
     """
     A, G = _factors(A, G)
     _check_sketch_args(seed, dist, k_out=k_out, k_in=k_in)
@@ -351,14 +351,37 @@ def masked_rows(t: Tensor, lengths: Optional[Tensor]) -> Tensor:
                                                                                         device=t.device))
 
 
-def kronecker_from_projections(A: Tensor, G: Tensor, S_out: Tensor, S_in: Tensor,
-                               lengths: Optional[Tensor]) -> Tensor:
-    """sum over valid t of (S_out g_t)(S_in a_t)^T, flattened: [N, k_out * k_in]. Both sides are projected first
-    and padding (whatever it holds, NaN included) is masked on the small [N, T, k] sides, so the layer factors are
-    never copied."""
-    projected_g = masked_rows(G.to(S_out.dtype) @ S_out.T, lengths)     # [N, T, k_out]
-    projected_a = masked_rows(A.to(S_in.dtype) @ S_in.T, lengths)       # [N, T, k_in]
-    return torch.bmm(projected_g.transpose(1, 2), projected_a).reshape(A.shape[0], S_out.shape[0] * S_in.shape[0])
+@_op("decomp::kronecker_sketch_into", mutates_args=("out",))
+def _kronecker_sketch_into(A: Tensor, G: Tensor, S_out: Tensor, S_in: Tensor, lengths: Optional[Tensor],
+                           out: Tensor) -> None:
+    if out.numel() == 0 or A.shape[1] == 0:
+        return
+    if A.is_cuda:   # cuBLAS GEMMs over all tokens, padding masked on the small [N, T, k] sides
+        projected_g = masked_rows(G.to(S_out.dtype) @ S_out.T, lengths)     # [N, T, k_out]
+        projected_a = masked_rows(A.to(S_in.dtype) @ S_in.T, lengths)       # [N, T, k_in]
+        out += torch.bmm(projected_g.transpose(1, 2), projected_a).reshape(out.shape)
+        return
+    if A.dtype not in check.FLOAT_INPUTS or G.dtype != A.dtype:
+        A, G = A.float(), G.float()
+    _C.kronecker_sketch(view(A), view(G), view(S_out), view(S_in), optional_view(lengths), view(out), num_threads())
+
+
+@_kronecker_sketch_into.register_fake
+def _(A, G, S_out, S_in, lengths, out):
+    return None
+
+
+def kronecker_from_projections(A: Tensor, G: Tensor, S_out: Tensor, S_in: Tensor, lengths: Optional[Tensor],
+                               out: Optional[Tensor] = None) -> Tensor:
+    """sum over valid t of (S_out g_t)(S_in a_t)^T, flattened: [N, k_out * k_in] float32, added into `out` when
+    given (a view with unit column stride, e.g. a block of a wider row). A: [N, T, in], G: [N, T, out], S_out
+    [k_out, out] and S_in [k_in, in] float32. On the CPU one fused pass (decomp._C.kronecker_sketch) reads each
+    valid token's rows once and writes nothing per token; padding is never read, whatever it holds (NaN
+    included)."""
+    if out is None:
+        out = torch.zeros(A.shape[0], S_out.shape[0] * S_in.shape[0], dtype=torch.float32, device=A.device)
+    _run(_kronecker_sketch_into, A, G, S_out, S_in, lengths, out)
+    return out
 
 
 @torch.library.custom_op("decomp::count_sketch", mutates_args=())

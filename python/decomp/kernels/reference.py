@@ -170,14 +170,15 @@ def sketch_linear(A: Tensor, G: Tensor, *, k_out: int, k_in: int, seed: int, len
     return kronecker_from_projections(A, G, S_out, S_in, lengths)
 
 
-def kronecker_from_projections(A: Tensor, G: Tensor, S_out: Tensor, S_in: Tensor,
-                               lengths: Optional[Tensor]) -> Tensor:
-    """(G_n S_out^T)^T (A_n S_in^T), padding rows masked, flattened to [N, k_out * k_in]."""
+def kronecker_from_projections(A: Tensor, G: Tensor, S_out: Tensor, S_in: Tensor, lengths: Optional[Tensor],
+                               out: Optional[Tensor] = None) -> Tensor:
+    """(G_n S_out^T)^T (A_n S_in^T), padding rows masked, flattened to [N, k_out * k_in] (added into `out` when
+    given)."""
     dtype = S_out.dtype
     projected_g = _masked_rows(G.to(dtype), lengths) @ S_out.T   # [N, T, k_out]
     projected_a = _masked_rows(A.to(dtype), lengths) @ S_in.T    # [N, T, k_in]
     products = torch.bmm(projected_g.transpose(1, 2), projected_a)
-    return products.reshape(A.shape[0], S_out.shape[0] * S_in.shape[0])
+    return _finish(products.reshape(A.shape[0], S_out.shape[0] * S_in.shape[0]), out)
 
 
 def count_hashes(features: int, k: int, *, seed: int, stream: int, device=None):
