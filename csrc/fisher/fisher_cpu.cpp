@@ -290,38 +290,48 @@ void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const
   const int64_t* ids = ids_view.data<const int64_t>();
   auto id_at = [&](int64_t n, int64_t t) { return ids[n * ids_view.stride(0) + t * ids_view.stride(1)]; };
 
-  // Group each example's valid positions by token id before touching `out`, so a bad id writes nothing.
-  struct Run {
-    int64_t example, id, first, count;  // positions order[first : first + count]
-  };
-  std::vector<int64_t> order;
-  std::vector<Run> runs;
+  // Group each example's valid positions by token id before touching `out`, so a bad id writes nothing: per
+  // example (in parallel) one sort of plain keys id << 32 | position, which orders a run's positions as they come.
+  std::vector<int64_t> first_key(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n)
+    first_key[n + 1] = first_key[n] + (example_weight(in.weights, n) == 0.0f ? 0 : valid_length(in.lengths, n, T));
+  const int64_t tokens = first_key[N];
+  const int threads = tokens * dim < (int64_t{1} << 16) ? 1 : std::max(1, in.num_threads);
+  std::vector<uint64_t> keys(static_cast<size_t>(tokens));
+  std::vector<int64_t> bad_position(N, -1);
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t length = valid_length(in.lengths, n, T);
-    if (length == 0 || example_weight(in.weights, n) == 0.0f) continue;
-    const int64_t base = static_cast<int64_t>(order.size());
+    const int64_t first = first_key[n], length = first_key[n + 1] - first;
     for (int64_t t = 0; t < length; ++t) {
       const int64_t id = id_at(n, t);
-      if (id < 0 || id >= vocabulary)  // the message only when it is needed: building it costs more than the rest
-        throw std::invalid_argument("ids must lie in [0, num_embeddings) at valid positions; got " +
-                                    std::to_string(id) + " at example " + std::to_string(n) + ", position " +
-                                    std::to_string(t));
-      order.push_back(t);
+      if (id < 0 || id >= vocabulary) {
+        bad_position[n] = t;
+        break;
+      }
+      keys[first + t] = static_cast<uint64_t>(id) << 32 | static_cast<uint64_t>(t);
     }
-    std::stable_sort(order.begin() + base, order.end(),
-                     [&](int64_t a, int64_t b) { return id_at(n, a) < id_at(n, b); });
-    for (int64_t i = base; i < static_cast<int64_t>(order.size()); ++i) {
-      const int64_t id = id_at(n, order[i]);
-      if (i == base || runs.back().id != id) runs.push_back({n, id, i, 0});
+    if (bad_position[n] < 0) std::sort(keys.begin() + first, keys.begin() + first + length);
+  }
+  for (int64_t n = 0; n < N; ++n)
+    if (bad_position[n] >= 0)   // the message only when it is needed: building it costs more than the rest
+      throw std::invalid_argument("ids must lie in [0, num_embeddings) at valid positions; got " +
+                                  std::to_string(id_at(n, bad_position[n])) + " at example " + std::to_string(n) +
+                                  ", position " + std::to_string(bad_position[n]));
+  struct Run {
+    int64_t example, id, first, count;  // positions keys[first : first + count] & 0xffffffff
+  };
+  std::vector<Run> runs;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = first_key[n]; i < first_key[n + 1]; ++i) {
+      const int64_t id = static_cast<int64_t>(keys[i] >> 32);
+      if (i == first_key[n] || runs.back().id != id) runs.push_back({n, id, i, 0});
       runs.back().count += 1;
     }
-  }
+  auto position = [&](int64_t i) { return static_cast<int64_t>(keys[i] & 0xffffffffU); };
 
   float* out = out_view.data<float>();
   // Each thread owns the rows of `out` whose id it is dealt (id modulo the team), so runs of one id never race and
   // every row is written whole by one thread. A small batch runs on one thread: starting a team costs more.
-  const int64_t entries = static_cast<int64_t>(order.size()) * dim;
-  const int threads = entries < (int64_t{1} << 16) ? 1 : std::max(1, in.num_threads);
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
   for (int part = 0; part < threads; ++part) {   // every part runs, whatever team the runtime grants
     std::vector<float> sum(dim);
@@ -330,13 +340,14 @@ void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const
       const float weight = example_weight(in.weights, run.example);
       float* __restrict dst = out + run.id * dim;
       if (run.count == 1 && G.dtype == DType::Float32 && G.stride(2) == 1) {  // most runs: one lookup, no sum
-        const float* __restrict g = G.data<const float>() + run.example * G.stride(0) + order[run.first] * G.stride(1);
+        const float* __restrict g =
+            G.data<const float>() + run.example * G.stride(0) + position(run.first) * G.stride(1);
         for (int64_t j = 0; j < dim; ++j) dst[j] += weight * g[j] * g[j];
         continue;
       }
       std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t i = run.first; i < run.first + run.count; ++i)
-        add_rows(G, run.example * G.stride(0) + order[i] * G.stride(1), 0, 1, dim, sum.data());
+        add_rows(G, run.example * G.stride(0) + position(i) * G.stride(1), 0, 1, dim, sum.data());
       for (int64_t j = 0; j < dim; ++j) dst[j] += weight * sum[j] * sum[j];
     }
   }
