@@ -3,9 +3,11 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "tensor_view.h"
 
@@ -87,6 +89,17 @@ inline int64_t valid_length(const TensorView* lengths, int64_t n, int64_t T) {
 }
 inline float example_weight(const TensorView* weights, int64_t n) {
   return weights ? weights->data<const float>()[n] : 1.0f;
+}
+
+// Boundaries of `parts` contiguous ranges of examples holding about equal numbers of valid tokens (contiguous rows
+// stream best; padding would unbalance equal counts of examples): range p is [first[p], first[p + 1]).
+// first_token[n] counts the valid tokens before example n; first_token[N] all of them.
+inline std::vector<int64_t> token_balanced_ranges(const std::vector<int64_t>& first_token, int parts) {
+  const int64_t N = static_cast<int64_t>(first_token.size()) - 1, tokens = first_token.back();
+  std::vector<int64_t> first(parts + 1, N);
+  for (int p = 0; p < parts; ++p)
+    first[p] = std::lower_bound(first_token.begin(), first_token.end(), tokens * p / parts) - first_token.begin();
+  return first;
 }
 
 }  // namespace decomp

@@ -251,19 +251,15 @@ void add_rows(const TensorView& G, int64_t offset, int64_t row_stride, int64_t l
 void fisher_linear_bias_cpu(const TensorView& G, const TensorView& out_view, const FisherInputs& in) {
   const int64_t N = G.size(0), T = G.size(1), width = G.size(2);
   if (N == 0 || width == 0) return;
-  // Threads take contiguous ranges of examples holding about equal numbers of valid tokens (contiguous rows
-  // stream best; padding would unbalance equal counts of examples) into private totals, reduced in thread order:
-  // the result depends on the thread count only, never on scheduling. A small batch runs on one thread.
+  // Threads take token-balanced ranges of examples into private totals, reduced in thread order: the result
+  // depends on the thread count only, never on scheduling. A small batch runs on one thread.
   std::vector<int64_t> first_token(N + 1, 0);
   for (int64_t n = 0; n < N; ++n)
     first_token[n + 1] = first_token[n] + (example_weight(in.weights, n) == 0.0f ? 0 : valid_length(in.lengths, n, T));
   const int64_t tokens = first_token[N];
   const int threads = tokens * width < (int64_t{1} << 17)
                           ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(in.num_threads, N)));
-  std::vector<int64_t> first_example(threads + 1, N);
-  for (int t = 0; t < threads; ++t)
-    first_example[t] = std::lower_bound(first_token.begin(), first_token.end(), tokens * t / threads) -
-                       first_token.begin();
+  const std::vector<int64_t> first_example = token_balanced_ranges(first_token, threads);
   std::vector<std::vector<float>> totals(threads);
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
   for (int part = 0; part < threads; ++part) {   // every part runs, whatever team the runtime grants

@@ -323,17 +323,14 @@ void kronecker_sketch_cpu(const TensorView& A, const TensorView& G, const Tensor
   if (N == 0 || T == 0 || k_out == 0 || k_in == 0) return;
   const AlignedBuffer<float> panels_out = pack_panels(S_out, panel_width(k_out));
   const AlignedBuffer<float> panels_in = pack_panels(S_in, panel_width(k_in));
-  // Threads take contiguous ranges of examples holding about equal numbers of valid tokens (padding would
-  // unbalance equal counts of examples); each example is summed by one thread, so nothing depends on the split.
+  // Threads take token-balanced ranges of examples; each example is summed by one thread, so nothing depends on
+  // the split.
   std::vector<int64_t> first_token(N + 1, 0);
   for (int64_t n = 0; n < N; ++n) first_token[n + 1] = first_token[n] + valid_length(lengths, n, T);
   const int64_t tokens = first_token[N], work = tokens * (A.size(2) * k_in + G.size(2) * k_out);
   const int threads =
       work < (int64_t{1} << 18) ? 1 : static_cast<int>(std::min<int64_t>(std::max(1, num_threads), N));
-  std::vector<int64_t> first_example(threads + 1, N);
-  for (int part = 0; part < threads; ++part)
-    first_example[part] = std::lower_bound(first_token.begin(), first_token.end(), tokens * part / threads) -
-                          first_token.begin();
+  const std::vector<int64_t> first_example = token_balanced_ranges(first_token, threads);
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
   for (int part = 0; part < threads; ++part)   // every part runs, whatever team the runtime grants
     kronecker_examples(A, G, panels_out.get(), k_out, panels_in.get(), k_in, lengths, out, first_example[part],
