@@ -222,28 +222,50 @@ void fisher_linear_cpu(const TensorView& A, const TensorView& G, const TensorVie
 
 namespace {
 
-// sum[j] += sum over the example's `length` rows of src[t * row_stride + j * col_stride], j < count.
-template <bool kContiguous, class Src>
-void add_rows(const Src* __restrict src, int64_t row_stride, int64_t col_stride, int64_t length, int64_t count,
-              float* __restrict sum) {
-  const int64_t stride = kContiguous ? 1 : col_stride;
-  for (int64_t t = 0; t < length; ++t) {
-    const Src* row = src + t * row_stride;
-    for (int64_t j = 0; j < count; ++j) sum[j] += widen(row[j * stride]);
+// dst[j] += weight * (sum over rows r < count of G[offset(r) + j * G.stride(2)])^2 for j < width, widened to
+// float32. A single row (a bias at T = 1, most tokens of an embedding) is squared as it is read; longer sums go
+// through `sum` [width], scratch the caller owns.
+template <bool kContiguous, class Src, class RowOffset>
+void add_weighted_square_of_sum(const Src* __restrict src, int64_t col_stride, int64_t count, RowOffset offset,
+                                int64_t width, float weight, float* __restrict sum, float* __restrict dst) {
+  const int64_t cs = kContiguous ? 1 : col_stride;
+  if (count == 1) {
+    const Src* __restrict row = src + offset(0);
+    for (int64_t j = 0; j < width; ++j) {
+      const float x = widen(row[j * cs]);
+      dst[j] += weight * x * x;
+    }
+    return;
   }
+  std::fill(sum, sum + width, 0.0f);
+  for (int64_t r = 0; r < count; ++r) {
+    const Src* __restrict row = src + offset(r);
+    for (int64_t j = 0; j < width; ++j) sum[j] += widen(row[j * cs]);
+  }
+  for (int64_t j = 0; j < width; ++j) dst[j] += weight * sum[j] * sum[j];
 }
 
-void add_rows(const TensorView& G, int64_t offset, int64_t row_stride, int64_t length, int64_t count,
-              float* sum) {
-  const int64_t cs = G.stride(2);
+template <class RowOffset>
+void add_weighted_square_of_sum(const TensorView& G, int64_t count, RowOffset offset, float weight, float* sum,
+                                float* dst) {
+  const int64_t cs = G.stride(2), width = G.size(2);
   if (G.dtype == DType::BFloat16) {
-    const uint16_t* src = G.data<const uint16_t>() + offset;
-    return cs == 1 ? add_rows<true>(src, row_stride, cs, length, count, sum)
-                   : add_rows<false>(src, row_stride, cs, length, count, sum);
+    const uint16_t* src = G.data<const uint16_t>();
+    return cs == 1 ? add_weighted_square_of_sum<true>(src, cs, count, offset, width, weight, sum, dst)
+                   : add_weighted_square_of_sum<false>(src, cs, count, offset, width, weight, sum, dst);
   }
-  const float* src = G.data<const float>() + offset;
-  cs == 1 ? add_rows<true>(src, row_stride, cs, length, count, sum)
-          : add_rows<false>(src, row_stride, cs, length, count, sum);
+  const float* src = G.data<const float>();
+  cs == 1 ? add_weighted_square_of_sum<true>(src, cs, count, offset, width, weight, sum, dst)
+          : add_weighted_square_of_sum<false>(src, cs, count, offset, width, weight, sum, dst);
+}
+
+// first[n] counts the valid tokens of examples before n whose weight is not zero (a zero weight skips the
+// example); first[N] counts them all.
+std::vector<int64_t> first_weighted_token(const FisherInputs& in, int64_t N, int64_t T) {
+  std::vector<int64_t> first(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n)
+    first[n + 1] = first[n] + (example_weight(in.weights, n) == 0.0f ? 0 : valid_length(in.lengths, n, T));
+  return first;
 }
 
 }  // namespace
@@ -253,9 +275,7 @@ void fisher_linear_bias_cpu(const TensorView& G, const TensorView& out_view, con
   if (N == 0 || width == 0) return;
   // Threads take token-balanced ranges of examples into private totals, reduced in thread order: the result
   // depends on the thread count only, never on scheduling. A small batch runs on one thread.
-  std::vector<int64_t> first_token(N + 1, 0);
-  for (int64_t n = 0; n < N; ++n)
-    first_token[n + 1] = first_token[n] + (example_weight(in.weights, n) == 0.0f ? 0 : valid_length(in.lengths, n, T));
+  const std::vector<int64_t> first_token = first_weighted_token(in, N, T);
   const int64_t tokens = first_token[N];
   const int threads = tokens * width < (int64_t{1} << 17)
                           ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(in.num_threads, N)));
@@ -269,10 +289,9 @@ void fisher_linear_bias_cpu(const TensorView& G, const TensorView& out_view, con
     for (int64_t n = first_example[part]; n < first_example[part + 1]; ++n) {
       const int64_t length = first_token[n + 1] - first_token[n];
       if (length == 0) continue;
-      const float weight = example_weight(in.weights, n);
-      std::fill(sum.begin(), sum.end(), 0.0f);
-      add_rows(G, n * G.stride(0), G.stride(1), length, width, sum.data());
-      for (int64_t j = 0; j < width; ++j) total[j] += weight * sum[j] * sum[j];
+      const int64_t first = n * G.stride(0), row_stride = G.stride(1);
+      add_weighted_square_of_sum(G, length, [&](int64_t t) { return first + t * row_stride; },
+                                 example_weight(in.weights, n), sum.data(), total.data());
     }
   }
   float* out = out_view.data<float>();
@@ -288,31 +307,31 @@ void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const
 
   // Group each example's valid positions by token id before touching `out`, so a bad id writes nothing: per
   // example (in parallel) one sort of plain keys id << 32 | position, which orders a run's positions as they come.
-  std::vector<int64_t> first_key(N + 1, 0);
-  for (int64_t n = 0; n < N; ++n)
-    first_key[n + 1] = first_key[n] + (example_weight(in.weights, n) == 0.0f ? 0 : valid_length(in.lengths, n, T));
+  const std::vector<int64_t> first_key = first_weighted_token(in, N, T);
   const int64_t tokens = first_key[N];
   const int threads = tokens * dim < (int64_t{1} << 16) ? 1 : std::max(1, in.num_threads);
   std::vector<uint64_t> keys(static_cast<size_t>(tokens));
   std::vector<int64_t> bad_position(N, -1);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t first = first_key[n], length = first_key[n + 1] - first;
+    // Every valid id is checked, those of examples weighted zero too: a bad id is bad input whatever its weight.
+    const int64_t first = first_key[n], keyed = first_key[n + 1] - first, length = valid_length(in.lengths, n, T);
     for (int64_t t = 0; t < length; ++t) {
       const int64_t id = id_at(n, t);
       if (id < 0 || id >= vocabulary) {
         bad_position[n] = t;
         break;
       }
-      keys[first + t] = static_cast<uint64_t>(id) << 32 | static_cast<uint64_t>(t);
+      if (t < keyed) keys[first + t] = static_cast<uint64_t>(id) << 32 | static_cast<uint64_t>(t);
     }
-    if (bad_position[n] < 0) std::sort(keys.begin() + first, keys.begin() + first + length);
+    if (bad_position[n] < 0) std::sort(keys.begin() + first, keys.begin() + first + keyed);
   }
   for (int64_t n = 0; n < N; ++n)
     if (bad_position[n] >= 0)   // the message only when it is needed: building it costs more than the rest
-      throw std::invalid_argument("ids must lie in [0, num_embeddings) at valid positions; got " +
-                                  std::to_string(id_at(n, bad_position[n])) + " at example " + std::to_string(n) +
-                                  ", position " + std::to_string(bad_position[n]));
+      throw std::invalid_argument("ids must lie in [0, num_embeddings=" + std::to_string(vocabulary) +
+                                  ") at valid positions; got " + std::to_string(id_at(n, bad_position[n])) +
+                                  " at example " + std::to_string(n) + ", position " +
+                                  std::to_string(bad_position[n]));
   struct Run {
     int64_t example, id, first, count;  // positions keys[first : first + count] & 0xffffffff
   };
@@ -333,18 +352,9 @@ void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const
     std::vector<float> sum(dim);
     for (const Run& run : runs) {
       if (run.id % threads != part) continue;
-      const float weight = example_weight(in.weights, run.example);
-      float* __restrict dst = out + run.id * dim;
-      if (run.count == 1 && G.dtype == DType::Float32 && G.stride(2) == 1) {  // most runs: one lookup, no sum
-        const float* __restrict g =
-            G.data<const float>() + run.example * G.stride(0) + position(run.first) * G.stride(1);
-        for (int64_t j = 0; j < dim; ++j) dst[j] += weight * g[j] * g[j];
-        continue;
-      }
-      std::fill(sum.begin(), sum.end(), 0.0f);
-      for (int64_t i = run.first; i < run.first + run.count; ++i)
-        add_rows(G, run.example * G.stride(0) + position(i) * G.stride(1), 0, 1, dim, sum.data());
-      for (int64_t j = 0; j < dim; ++j) dst[j] += weight * sum[j] * sum[j];
+      const int64_t first = run.example * G.stride(0), row_stride = G.stride(1);
+      add_weighted_square_of_sum(G, run.count, [&](int64_t r) { return first + position(run.first + r) * row_stride; },
+                                 example_weight(in.weights, run.example), sum.data(), out + run.id * dim);
     }
   }
 }

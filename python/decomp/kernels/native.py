@@ -25,10 +25,8 @@ _DTYPE_CODES = {
 
 def view(t: torch.Tensor) -> "_C.TensorView":
     """The raw view (pointer, shape, strides in elements, dtype, device) of a tensor the kernel reads or writes."""
-    return _C.TensorView(
-        t.data_ptr(), list(t.shape), list(t.stride()), _DTYPE_CODES[t.dtype], t.is_cuda,
-        t.device.index if t.is_cuda else 0,
-    )
+    return _C.TensorView(t.data_ptr(), t.shape, t.stride(), _DTYPE_CODES[t.dtype], t.is_cuda,
+                         t.get_device() if t.is_cuda else 0)
 
 
 def optional_view(t: Optional[torch.Tensor]):

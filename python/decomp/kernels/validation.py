@@ -57,9 +57,9 @@ def weights(t, n: int, device: torch.device) -> Optional[torch.Tensor]:
 
 
 def out(t, shape: Sequence[int], device: torch.device) -> None:
-    expected = f"[{', '.join(str(s) for s in shape)}]"
-    if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape)
+    if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.shape != tuple(shape)
             or t.device != device or not t.is_contiguous()):
+        expected = f"[{', '.join(str(s) for s in shape)}]"
         raise ValueError(f"out must be a contiguous {expected} float32 tensor on the inputs' device; "
                          f"got {describe(t)}")
 
