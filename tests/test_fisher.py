@@ -184,6 +184,18 @@ def test_audit_moves_an_unseen_functional_use_to_the_exact_fallback():
     assert_fisher_close(fisher, expected)
 
 
+def test_a_parameter_moved_to_the_fallback_leaves_the_hooks_of_its_module():
+    """The hooks remember which of a module's parameters a rule covers; moving one to the fallback (by the audit or
+    mid-pass) must reach the next lookup, else its module would still be captured for it."""
+    from decomp.gradients.capture import GradientCapture
+    capture = GradientCapture(ToyForSequenceClassification())
+    head = capture.model.head
+    assert [name for name, _, _ in capture._ruled(head)] == ["head.weight", "head.bias"]
+    capture._demote(["head.weight"], "for the test")
+    assert [name for name, _, _ in capture._ruled(head)] == ["head.bias"]
+    assert capture.coverage()["head.weight"] == "fallback: for the test"
+
+
 class SharedTableToyForSequenceClassification(torch.nn.Module):
     """One [7, 5] table looked up twice and, with heads, used as two output layers (an LM's tied embedding/head)."""
 

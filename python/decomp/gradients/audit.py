@@ -40,9 +40,7 @@ def audit(capture, batch, indices, term_fn) -> None:
         capture.hooked_pass(few, terms_index, term_fn, recorder, first_term_only=True)
     except RuntimeError as error:
         reason = f"the hooked pass fails on this model ({str(error).splitlines()[0][:160]})"
-        for name in capture.params:
-            if capture.rules[name] != "fallback":
-                capture.rules[name], capture.reasons[name] = "fallback", reason
+        capture._demote(list(capture.params), reason)
     if any(rule != "fallback" for rule in capture.rules.values()):
         params = list(capture.params.values())
         with capture.requiring_grad(params):
@@ -69,8 +67,7 @@ def _compare(capture, recorder, expected: list) -> None:
             continue
         got = recorder.grads.get(name)
         if got is not None and got[0].numel() != grad.numel():
-            capture.reasons[name] = f"audit: the {capture.rules[name]} rule gave a gradient of the wrong shape"
-            capture.rules[name] = "fallback"
+            capture._demote([name], f"audit: the {capture.rules[name]} rule gave a gradient of the wrong shape")
             continue
         got = torch.zeros_like(grad) if got is None else got[0].reshape(grad.shape).float()
         difference = got.sub_(grad)   # in place: both are scratch, and the word embeddings' are large
@@ -78,9 +75,8 @@ def _compare(capture, recorder, expected: list) -> None:
         got_norm = torch.linalg.vector_norm(grad.add_(difference))
         scale = grad_norm + got_norm + AUDIT_FLOOR * typical * grad.numel() ** 0.5
         if not bool(torch.isfinite(error)) or error > tolerance(p.dtype) * scale + 1e-30:
-            capture.reasons[name] = (f"audit: the {capture.rules[name]} rule missed part of its gradient "
-                                     f"(relative error {float(error / scale.clamp(min=1e-30)):.2g})")
-            capture.rules[name] = "fallback"
+            capture._demote([name], f"audit: the {capture.rules[name]} rule missed part of its gradient "
+                                    f"(relative error {float(error / scale.clamp(min=1e-30)):.2g})")
 
 
 def tolerance(dtype: torch.dtype) -> float:

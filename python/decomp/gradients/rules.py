@@ -84,14 +84,11 @@ def module_rule(module, role: str) -> Optional[str]:
     return None
 
 
-def token_sum(t: Tensor, lengths: Optional[Tensor]) -> Tensor:
-    """sum_t t[n, t, :] over each example's valid prefix: [N, T, d] -> [N, d] float32, as a batched GEMV so
-    that the padded tensor is never copied."""
+def token_sum(t: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """sum_t keep[n, t] t[n, t, :]: [N, T, d] -> [N, d] float32, as a batched GEMV so that the padded tensor is
+    never copied. keep: [N, T] float32 (1 at each example's valid prefix, built once per batch), or None: all T."""
     t = t.float()
-    if lengths is None:
-        return t.sum(1)
-    keep = (torch.arange(t.shape[1], device=t.device)[None, :] < lengths[:, None]).to(t.dtype)
-    return torch.bmm(keep.unsqueeze(1), t).squeeze(1)
+    return t.sum(1) if keep is None else torch.bmm(keep.unsqueeze(1), t).squeeze(1)
 
 
 def materialize(contribution: Contribution, shape: torch.Size) -> Tensor:
@@ -99,11 +96,10 @@ def materialize(contribution: Contribution, shape: torch.Size) -> Tensor:
     right = masked_rows(contribution.right.float(), contribution.lengths)
     if contribution.kind == "outer":
         return torch.bmm(contribution.left.float().transpose(1, 2), right)
-    N = right.shape[0]
-    grads = right.new_zeros(N, *shape)
-    for n in range(N):
-        grads[n].index_add_(0, contribution.left[n], right[n])
-    return grads
+    N, T = contribution.left.shape
+    rows = contribution.left + torch.arange(N, device=right.device)[:, None] * shape[0]   # row of [N * V, d]
+    return right.new_zeros(N * shape[0], *shape[1:]).index_add_(0, rows.reshape(-1), right.reshape(N * T, -1)) \
+        .view(N, *shape)
 
 
 def assign_rules(model: nn.Module, params: dict) -> tuple[dict, dict, list]:
