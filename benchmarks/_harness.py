@@ -37,9 +37,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(functions: dict, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+def time_interleaved(functions: dict, device: torch.device, repeats: int, warmup: int = 2,
+                     settle: bool = False) -> dict:
     """Median milliseconds of each function, the candidates interleaved round by round so that a slow spell of a
-    shared machine hits them all alike. CUDA: device events; CPU: perf_counter."""
+    shared machine hits them all alike. settle: each timed call right after an untimed call of the same function,
+    so that every candidate finds its own data in cache, never what the candidate before it left (a kernel timed
+    after its reference would start cold, and the next candidate would find the kernel's rows warm). CUDA: device
+    events; CPU: perf_counter."""
     for f in functions.values():
         for _ in range(warmup):
             f()
@@ -47,6 +51,8 @@ def time_interleaved(functions: dict, device: torch.device, repeats: int, warmup
     samples = {name: [] for name in functions}
     for _ in range(repeats):
         for name, f in functions.items():
+            if settle:
+                f()
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()

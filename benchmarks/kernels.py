@@ -3,7 +3,8 @@
     python benchmarks/kernels.py [--device cpu|cuda] [--repeats R] [--quick] [--only KERNEL[,KERNEL...]]
     python benchmarks/kernels.py --smoke     # every kernel on tiny shapes, memory probes included, prints only
 
-For each kernel and shape: reference and native time (median of interleaved repeats), speedup, achieved rate,
+For each kernel and shape: reference and native time (median of interleaved repeats, each timed call after an
+untimed one of the same function, so that each finds its own data in cache), speedup, achieved rate,
 the floor (fisher_linear: a torch GEMM of equal FLOPs; the bias: a torch sum that reads the same bytes; the
 embedding: index_add_ of the same rows into the same table) and native time as a multiple of it, and the peak extra
 memory of one call measured in a fresh process.
@@ -217,7 +218,8 @@ def main(argv=None):
         reference_call, native_call, floor_call, (work, unit) = calls(kernel, shape, device)
         slow = kernel == "sketch_dense"  # seconds per call: fewer repeats
         times = h.time_interleaved({"reference": reference_call, "native": native_call, "floor": floor_call},
-                                   device, min(repeats, 3) if slow else repeats, warmup=1 if slow else 2)
+                                   device, min(repeats, 3) if slow else repeats, warmup=1 if slow else 2,
+                                   settle=not slow)
         row = {
             "kernel": kernel, "shape": shape_label(kernel, shape),
             "reference ms": times["reference"], "native ms": times["native"],
@@ -247,7 +249,9 @@ def main(argv=None):
                "native / floor", "native peak extra MiB", "reference peak extra MiB"]
     text = (f"# Kernel benchmark ({device.type})\n\nMachine: {info['cpu']}, {info['cores']} cores, "
             f"{info['torch_threads']} torch threads, GPU: {info['gpu'] or 'none'}; torch {info['torch']}.\n"
-            f"Median of {repeats} interleaved repeats (3 for sketch_dense). Reference: the pure-PyTorch function of "
+            f"Median of {repeats} interleaved repeats (3 for sketch_dense), each timed call right after an untimed "
+            f"call of the same function (sketch_dense: seconds a call, not needed), so that no candidate finds the "
+            f"data of the one timed before it in cache. Reference: the pure-PyTorch function of "
             f"decomp.reference; for sketch_dense and sketch_linear the best plain-PyTorch way with torch's own "
             f"generator for S (chunks of {DENSE_CHUNK} columns for dense). Floor: fisher_linear, sketch_dense, "
             f"sketch_linear - a torch GEMM of equal FLOPs (valid tokens only; for dense, X times a stored S); "

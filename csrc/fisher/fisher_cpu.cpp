@@ -237,8 +237,19 @@ void add_weighted_square_of_sum(const Src* __restrict src, int64_t col_stride, i
     }
     return;
   }
+  // Rows are added four at a time: a quarter of the loads and stores of `sum`, which otherwise match the reads
+  // of the rows themselves.
   std::fill(sum, sum + width, 0.0f);
-  for (int64_t r = 0; r < count; ++r) {
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const Src* __restrict a = src + offset(r);
+    const Src* __restrict b = src + offset(r + 1);
+    const Src* __restrict c = src + offset(r + 2);
+    const Src* __restrict d = src + offset(r + 3);
+    for (int64_t j = 0; j < width; ++j)
+      sum[j] += (widen(a[j * cs]) + widen(b[j * cs])) + (widen(c[j * cs]) + widen(d[j * cs]));
+  }
+  for (; r < count; ++r) {
     const Src* __restrict row = src + offset(r);
     for (int64_t j = 0; j < width; ++j) sum[j] += widen(row[j * cs]);
   }
@@ -336,6 +347,7 @@ void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const
     int64_t example, id, first, count;  // positions keys[first : first + count] & 0xffffffff
   };
   std::vector<Run> runs;
+  runs.reserve(static_cast<size_t>(tokens));   // one allocation: growing it by doubling costs more than the runs
   for (int64_t n = 0; n < N; ++n)
     for (int64_t i = first_key[n]; i < first_key[n + 1]; ++i) {
       const int64_t id = static_cast<int64_t>(keys[i] >> 32);
