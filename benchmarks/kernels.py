@@ -26,9 +26,11 @@ import _harness as h  # noqa: E402
 
 from decomp import ops, reference  # noqa: E402
 
-# (N, T, in, out, padded): padded means each example's second half is padding (lengths = T // 2).
+# (N, T, in, out, padded[, dtype]): padded means each example's second half is padding (lengths = T // 2); dtype of
+# A and G, float32 unless given (the bfloat16 row's floor is a bfloat16 GEMM).
 LINEAR_SHAPES = [(32, 1, 384, 1536, False), (32, 16, 384, 1536, False), (32, 128, 384, 1536, False),
                  (16, 128, 768, 3072, False), (32, 128, 384, 1536, True)]
+BF16_LINEAR_SHAPES = [(32, 128, 384, 1536, False, "bfloat16")]
 EMBEDDING_SHAPES = [(32, 48, 30522, 384), (32, 128, 30522, 384)]  # (N, T, vocabulary, dim): MiniLM's table
 DENSE_SHAPES = [(32, 1 << 20, 1024), (32, 1 << 20, 4096)]  # (N, p, k)
 # (N, T, in, out, k_out, k_in, padded)
@@ -38,6 +40,7 @@ COUNT_SHAPES = [(32, 48, 384, 1536, 4096), (32, 48, 1536, 384, 4096)]  # (N, T, 
 DENSE_CHUNK = 1 << 14
 # --smoke: one tiny shape per kernel (and the padded linear case), every code path in seconds
 SMOKE_PLAN = [("fisher_linear", (4, 3, 16, 24, False)), ("fisher_linear", (4, 6, 16, 24, True)),
+              ("fisher_linear", (4, 5, 16, 24, False, "bfloat16")),
               ("fisher_linear_bias", (4, 1, 16, 24, False)), ("fisher_linear_bias", (4, 6, 16, 24, True)),
               ("fisher_embedding", (4, 6, 50, 8)), ("sketch_dense", (4, 1 << 15, 64)),
               ("sketch_linear", (4, 6, 16, 24, 4, 4, True)), ("count_sketch_linear", (4, 6, 16, 24, 64))]
@@ -50,11 +53,15 @@ def rademacher_from_torch(rows, cols, generator):
     return signs.float().mul_(2).sub_(1).mul_(rows ** -0.5)
 
 
+def linear_dtype(shape) -> torch.dtype:
+    return getattr(torch, shape[5]) if len(shape) > 5 else torch.float32
+
+
 def linear_inputs(shape, device):
-    N, T, fin, fout, padded = shape
+    N, T, fin, fout, padded = shape[:5]
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(N, T, fin, generator=g).to(device)
-    G = torch.randn(N, T, fout, generator=g).to(device)
+    A = torch.randn(N, T, fin, generator=g).to(device, linear_dtype(shape))
+    G = torch.randn(N, T, fout, generator=g).to(device, linear_dtype(shape))
     lengths = torch.full((N,), T // 2 if padded else T, dtype=torch.int64, device=device)
     return A, G, lengths
 
@@ -134,7 +141,7 @@ def calls(kernel, shape, device):
                 lambda: ops.fisher_embedding(ids, G, shape[2], out=out),
                 lambda: out.index_add_(0, at, rows), (G.numel() * 4, "GB/s"))
     A, G, lengths = linear_inputs(shape, device)
-    N, T, fin, fout, padded = shape
+    N, T, fin, fout, padded = shape[:5]
     lengths_arg = lengths if padded else None
     tokens = int(lengths.sum())
     if kernel == "fisher_linear_bias":
@@ -144,8 +151,8 @@ def calls(kernel, shape, device):
                 lambda: ops.fisher_linear_bias(G, lengths=lengths_arg, out=out),
                 lambda: flat.sum(), (tokens * fout * 4, "GB/s"))
     out = torch.zeros(fout, fin, device=device)
-    left = torch.randn(fout, tokens, device=device)
-    right = torch.randn(tokens, fin, device=device)
+    left = torch.randn(fout, tokens, device=device).to(linear_dtype(shape))
+    right = torch.randn(tokens, fin, device=device).to(linear_dtype(shape))
     if T == 1:
         A, G = A[:, 0], G[:, 0]
     return (lambda: reference.fisher_linear(A, G, lengths=lengths_arg, out=out),
@@ -167,6 +174,14 @@ def memory_probe(kernel, implementation, shape):
     print(h.resident_peak() - before)
 
 
+def shape_entry(text: str):
+    """One entry of a shape passed to a memory probe: a Python literal (an int, True, False) or a dtype name."""
+    try:
+        return ast.literal_eval(text)
+    except ValueError:
+        return text
+
+
 def shape_label(kernel, shape):
     if kernel == "sketch_dense":
         return f"N={shape[0]} p=2^{shape[1].bit_length() - 1} k={shape[2]}"
@@ -178,8 +193,9 @@ def shape_label(kernel, shape):
     if kernel == "fisher_embedding":
         N, T, vocabulary, dim = shape
         return f"N={N} T={T} V={vocabulary} dim={dim}"
-    N, T, fin, fout, padded = shape
-    return f"N={N} T={T} {fin}->{fout}" + (" half padded" if padded else "")
+    N, T, fin, fout, padded = shape[:5]
+    return (f"N={N} T={T} {fin}->{fout}" + (" half padded" if padded else "")
+            + (f" {shape[5]}" if len(shape) > 5 else ""))
 
 
 def main(argv=None):
@@ -194,11 +210,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.memory_probe:
         kernel, implementation, *shape = args.memory_probe
-        return memory_probe(kernel, implementation, tuple(ast.literal_eval(x) for x in shape))
+        return memory_probe(kernel, implementation, tuple(map(shape_entry, shape)))
 
     device = torch.device(args.device)
     repeats = 3 if args.quick else args.repeats
-    plan = [("fisher_linear", s) for s in LINEAR_SHAPES] + [("fisher_linear_bias", s) for s in LINEAR_SHAPES]
+    plan = [("fisher_linear", s) for s in LINEAR_SHAPES + BF16_LINEAR_SHAPES]
+    plan += [("fisher_linear_bias", s) for s in LINEAR_SHAPES]
     plan += [("fisher_embedding", s) for s in EMBEDDING_SHAPES]
     plan += [("sketch_dense", s) for s in DENSE_SHAPES] + [("sketch_linear", s) for s in SKETCH_LINEAR_SHAPES]
     plan += [("count_sketch_linear", s) for s in COUNT_SHAPES]
@@ -254,7 +271,8 @@ def main(argv=None):
             f"data of the one timed before it in cache. Reference: the pure-PyTorch function of "
             f"decomp.reference; for sketch_dense and sketch_linear the best plain-PyTorch way with torch's own "
             f"generator for S (chunks of {DENSE_CHUNK} columns for dense). Floor: fisher_linear, sketch_dense, "
-            f"sketch_linear - a torch GEMM of equal FLOPs (valid tokens only; for dense, X times a stored S); "
+            f"sketch_linear - a torch GEMM of equal FLOPs in the inputs' dtype (valid tokens only; for dense, X "
+            f"times a stored S); "
             f"bias - a torch sum reading the same bytes; embedding - index_add_ of the same rows into the same "
             f"[V, dim] table (the bound is the read-modify-write of a table row per token, not reading G); "
             f"count_sketch_linear - its FFT part alone. "

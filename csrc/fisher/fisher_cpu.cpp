@@ -129,6 +129,96 @@ void pack_example(const TensorView& t, int64_t n, int64_t length, float scale, b
   run(t.data<const float>() + offset);
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 factors: vdpbf16ps multiplies pairs of bf16 values exactly and adds both products to float32 lanes, so
+// the per-example sums run two tokens per instruction at twice the float32 FMA rate, still accumulating in float32.
+// Tokens are packed in pairs (an odd example gets a zero token), each pair of one example; the example's weight
+// multiplies its square (folding sqrt(w) into bf16 G would round it).
+constexpr bool kPairedBf16 = true;
+
+// gp: [pairs, kMR] bf16 pairs as uint32; ap: [pairs, kNR, 2] bf16; pairs[s] per example, weights[s] its weight.
+void micro_kernel_bf16(const uint32_t* __restrict gp, const uint16_t* __restrict ap, const int32_t* __restrict pairs,
+                       const float* __restrict weights, int64_t num_segments, float* __restrict c, int64_t ldc) {
+  // The tile's totals stay in memory, touched once an example: holding them in registers beside the sums would
+  // spill the operands of the inner loop.
+  for (int64_t s = 0; s < num_segments; ++s) {
+    __m512 x[kMR][kNV];
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) x[r][v] = _mm512_setzero_ps();
+    for (int32_t q = 0; q < pairs[s]; ++q) {
+      __m512bh b[kNV];
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(ap + v * 2 * kVecWidth);
+#pragma GCC unroll 8
+      for (int r = 0; r < kMR; ++r) {
+        const __m512bh g = (__m512bh)_mm512_set1_epi32(static_cast<int>(gp[r]));
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) x[r][v] = _mm512_dpbf16_ps(x[r][v], b[v], g);
+      }
+      ap += 2 * kNR;
+      gp += kMR;
+    }
+    const vfloat weight = broadcast(weights[s]);
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) {
+        const vfloat sum = (vfloat)x[r][v];
+        float* total = c + r * ldc + v * kVecWidth;
+        store_unaligned(total, load_unaligned(total) + weight * (sum * sum));
+      }
+  }
+}
+#else
+constexpr bool kPairedBf16 = false;
+#endif
+
+// Packs an example's `length` bf16 rows into panels of kPanel columns as pairs of tokens: panels[p][pair0 + q][j] =
+// (row 2q, row 2q + 1) at column p * kPanel + j, zero where the column or the odd last token is missing; each
+// panel `block_pairs` pairs long.
+template <int kPanel, bool kContiguous>
+void pack_pairs(const uint16_t* src, int64_t rs, int64_t col_stride, int64_t width, int64_t length,
+                int64_t block_pairs, int64_t pair0, uint16_t* panels) {
+  const int64_t cs = kContiguous ? 1 : col_stride, full_panels = width / kPanel;
+  static const uint16_t zeros[kPanel] = {};
+  for (int64_t q = 0; 2 * q < length; ++q) {
+    const uint16_t* first = src + 2 * q * rs;
+    // the odd last token's partner: a row of zeros, read with stride 0
+    const uint16_t* second = 2 * q + 1 < length ? first + rs : zeros;
+    const int64_t second_cs = 2 * q + 1 < length ? cs : 0;
+    uint16_t* dst = panels + (pair0 + q) * 2 * kPanel;
+    for (int64_t p = 0; p < full_panels; ++p, dst += block_pairs * 2 * kPanel) {
+      const uint16_t* a = first + p * kPanel * cs;
+      const uint16_t* b = second + p * kPanel * second_cs;
+#pragma GCC unroll 32
+      for (int j = 0; j < kPanel; ++j) {
+        dst[2 * j] = a[j * cs];
+        dst[2 * j + 1] = b[j * second_cs];
+      }
+    }
+    if (full_panels * kPanel < width) {
+      const int64_t rest = width - full_panels * kPanel;
+      const uint16_t* a = first + full_panels * kPanel * cs;
+      const uint16_t* b = second + full_panels * kPanel * second_cs;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        dst[2 * j] = j < rest ? a[j * cs] : 0;
+        dst[2 * j + 1] = j < rest ? b[j * second_cs] : 0;
+      }
+    }
+  }
+}
+
+template <int kPanel>
+void pack_example_pairs(const TensorView& t, int64_t n, int64_t length, int64_t block_pairs, int64_t pair0,
+                        uint16_t* panels) {
+  const uint16_t* src = t.data<const uint16_t>() + n * t.stride(0);
+  if (t.stride(2) == 1)
+    return pack_pairs<kPanel, true>(src, t.stride(1), 1, t.size(2), length, block_pairs, pair0, panels);
+  pack_pairs<kPanel, false>(src, t.stride(1), t.stride(2), t.size(2), length, block_pairs, pair0, panels);
+}
+
 // Grow-only per-thread scratch: a fresh allocation per call would be mmap'd and page-faulted in every time.
 float* scratch(int slot, size_t count) {
   thread_local AlignedBuffer<float> buffers[2];
@@ -150,17 +240,24 @@ void fisher_linear_cpu(const TensorView& A, const TensorView& G, const TensorVie
   // w (G^T A)^2 = (sqrt(w) G^T A)^2 and the weight folds into the packed G.
   std::vector<int64_t> example;
   std::vector<int32_t> segment_length;
+  std::vector<float> segment_weight;
   int64_t max_length = 0;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t length = valid_length(in.lengths, n, T);
     if (length == 0 || example_weight(in.weights, n) == 0.0f) continue;
     example.push_back(n);
     segment_length.push_back(static_cast<int32_t>(length));
+    segment_weight.push_back(example_weight(in.weights, n));
     max_length = std::max(max_length, length);
   }
   if (example.empty()) return;
   // One token per example: (sum_t g a)^2 = g^2 a^2, so square the inputs and run a plain GEMM.
   const bool square_inputs = max_length == 1;
+  // bf16 factors with several tokens per example run as pairs of tokens (micro_kernel_bf16): a segment is then
+  // counted in pairs, and a block's `tokens` are pairs too (4 bytes a column either way).
+  const bool paired = kPairedBf16 && !square_inputs && A.dtype == DType::BFloat16 && G.dtype == DType::BFloat16;
+  if (paired)
+    for (int32_t& units : segment_length) units = (units + 1) / 2;
 
   const int64_t panel_rows = (out_features + kMR - 1) / kMR, panel_cols = (in_features + kNR - 1) / kNR;
   const int64_t inner_width = std::min(panel_rows * kMR, panel_cols * kNR);
@@ -189,7 +286,13 @@ void fisher_linear_cpu(const TensorView& A, const TensorView& G, const TensorVie
 #pragma omp for schedule(dynamic, 1)
       for (int64_t s = block.first_segment; s < block.first_segment + block.num_segments; ++s) {
         const int64_t n = example[s];
-        const float weight = example_weight(in.weights, n);
+        if (paired) {
+          const int64_t length = valid_length(in.lengths, n, T);
+          pack_example_pairs<kMR>(G, n, length, block.tokens, token_offset[s], reinterpret_cast<uint16_t*>(packed_g));
+          pack_example_pairs<kNR>(A, n, length, block.tokens, token_offset[s], reinterpret_cast<uint16_t*>(packed_a));
+          continue;
+        }
+        const float weight = segment_weight[s];
         pack_example<kMR>(G, n, segment_length[s], square_inputs ? weight : std::sqrt(weight), square_inputs,
                           block.tokens, token_offset[s], packed_g);
         pack_example<kNR>(A, n, segment_length[s], 1.0f, square_inputs, block.tokens, token_offset[s], packed_a);
@@ -209,6 +312,13 @@ void fisher_linear_cpu(const TensorView& A, const TensorView& G, const TensorVie
           const int64_t cols = std::min<int64_t>(kNR, in_features - q * kNR);
           on_tile<kMR, kNR>(out + p * kMR * in_features + q * kNR, in_features, rows, cols,
                             [&](float* c, int64_t ldc) {
+#if defined(__AVX512BF16__)
+                              if (paired)
+                                return micro_kernel_bf16(
+                                    reinterpret_cast<const uint32_t*>(packed_g) + p * block.tokens * kMR,
+                                    reinterpret_cast<const uint16_t*>(packed_a) + q * block.tokens * 2 * kNR,
+                                    segments, segment_weight.data() + block.first_segment, num_segments, c, ldc);
+#endif
                               if (square_inputs)
                                 micro_kernel<false>(gp, ap, segments, num_segments, c, ldc);
                               else
