@@ -133,7 +133,8 @@ void pack_example(const TensorView& t, int64_t n, int64_t length, float scale, b
 // bfloat16 factors: vdpbf16ps multiplies pairs of bf16 values exactly and adds both products to float32 lanes, so
 // the per-example sums run two tokens per instruction at twice the float32 FMA rate, still accumulating in float32.
 // Tokens are packed in pairs (an odd example gets a zero token), each pair of one example; the example's weight
-// multiplies its square (folding sqrt(w) into bf16 G would round it).
+// multiplies its square (folding sqrt(w) into bf16 G would round it). vdpbf16ps treats float32 subnormals (below
+// 1.2e-38) as zero, in its inputs and its sums; nothing else differs from the float32 path.
 constexpr bool kPairedBf16 = true;
 
 // gp: [pairs, kMR] bf16 pairs as uint32; ap: [pairs, kNR, 2] bf16; pairs[s] per example, weights[s] its weight.
