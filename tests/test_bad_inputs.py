@@ -578,15 +578,16 @@ def test_infinity_propagates_like_nan_in_the_dense_sketch():
 
 # --- gradients that turn non-finite are named where they arise -------------------------------------------------
 
-def poisoned_backward(example: int):
-    """A tiny BERT whose backward pass (not its forward) turns NaN for one example of a 4-example batch."""
+def poisoned_backward(example: int, value: float = float("nan")):
+    """A tiny BERT whose backward pass (not its forward) turns NaN (or `value`) for one example of a 4-example
+    batch."""
     poisoned = tiny("bert")
 
     def hook(module, grad_input, grad_output):
         if grad_input[0] is None or grad_input[0].shape[0] < 4:   # the audit's single examples pass
             return None
         g = grad_input[0].clone()
-        g[example] = float("nan")
+        g[example] = value
         return (g,)
 
     poisoned.bert.encoder.layer[1].output.dense.register_full_backward_hook(hook)
@@ -597,5 +598,6 @@ def test_non_finite_gradients_name_the_example_and_write_nothing(tmp_path):
     with pytest.raises(FloatingPointError, match="sketched gradient of example 2 is not finite"):
         decomp.sketch_gradients(poisoned_backward(2), [batch()], store=tmp_path / "store", **SMALL)
     assert not list((tmp_path / "store").glob("progress-*.json"))
-    with pytest.raises(FloatingPointError, match=r"not finite after the batch of examples 0\.\.3"):
-        decomp.compute_fisher(poisoned_backward(1), [batch()], kind="empirical", progress=False)
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match=r"not finite after the batch of examples 0\.\.3"):
+            decomp.compute_fisher(poisoned_backward(1, value), [batch()], kind="empirical", progress=False)
