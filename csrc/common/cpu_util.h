@@ -91,6 +91,16 @@ inline float example_weight(const TensorView* weights, int64_t n) {
   return weights ? weights->data<const float>()[n] : 1.0f;
 }
 
+// first[n] counts the valid tokens of the examples before n, an example weighted zero counting none (weights may
+// be null: all count); first[N] counts them all. The input of token_balanced_ranges.
+inline std::vector<int64_t> first_valid_token(const TensorView* lengths, const TensorView* weights, int64_t N,
+                                              int64_t T) {
+  std::vector<int64_t> first(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n)
+    first[n + 1] = first[n] + (example_weight(weights, n) == 0.0f ? 0 : valid_length(lengths, n, T));
+  return first;
+}
+
 // Boundaries of `parts` contiguous ranges of examples holding about equal numbers of valid tokens (contiguous rows
 // stream best; padding would unbalance equal counts of examples): range p is [first[p], first[p + 1]).
 // first_token[n] counts the valid tokens before example n; first_token[N] all of them.

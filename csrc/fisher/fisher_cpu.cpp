@@ -381,15 +381,6 @@ void add_weighted_square_of_sum(const TensorView& G, int64_t count, RowOffset of
           : add_weighted_square_of_sum<false>(src, cs, count, offset, width, weight, sum, dst);
 }
 
-// first[n] counts the valid tokens of examples before n whose weight is not zero (a zero weight skips the
-// example); first[N] counts them all.
-std::vector<int64_t> first_weighted_token(const FisherInputs& in, int64_t N, int64_t T) {
-  std::vector<int64_t> first(N + 1, 0);
-  for (int64_t n = 0; n < N; ++n)
-    first[n + 1] = first[n] + (example_weight(in.weights, n) == 0.0f ? 0 : valid_length(in.lengths, n, T));
-  return first;
-}
-
 }  // namespace
 
 void fisher_linear_bias_cpu(const TensorView& G, const TensorView& out_view, const FisherInputs& in) {
@@ -397,7 +388,7 @@ void fisher_linear_bias_cpu(const TensorView& G, const TensorView& out_view, con
   if (N == 0 || width == 0) return;
   // Threads take token-balanced ranges of examples into private totals, reduced in thread order: the result
   // depends on the thread count only, never on scheduling. A small batch runs on one thread.
-  const std::vector<int64_t> first_token = first_weighted_token(in, N, T);
+  const std::vector<int64_t> first_token = first_valid_token(in.lengths, in.weights, N, T);
   const int64_t tokens = first_token[N];
   const int threads = tokens * width < (int64_t{1} << 17)
                           ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(in.num_threads, N)));
@@ -429,7 +420,7 @@ void fisher_embedding_cpu(const TensorView& ids_view, const TensorView& G, const
 
   // Group each example's valid positions by token id before touching `out`, so a bad id writes nothing: per
   // example (in parallel) one sort of plain keys id << 32 | position, which orders a run's positions as they come.
-  const std::vector<int64_t> first_key = first_weighted_token(in, N, T);
+  const std::vector<int64_t> first_key = first_valid_token(in.lengths, in.weights, N, T);
   const int64_t tokens = first_key[N];
   const int threads = tokens * dim < (int64_t{1} << 16) ? 1 : std::max(1, in.num_threads);
   std::vector<uint64_t> keys(static_cast<size_t>(tokens));

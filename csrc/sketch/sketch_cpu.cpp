@@ -325,8 +325,7 @@ void kronecker_sketch_cpu(const TensorView& A, const TensorView& G, const Tensor
   const AlignedBuffer<float> panels_in = pack_panels(S_in, panel_width(k_in));
   // Threads take token-balanced ranges of examples; each example is summed by one thread, so nothing depends on
   // the split.
-  std::vector<int64_t> first_token(N + 1, 0);
-  for (int64_t n = 0; n < N; ++n) first_token[n + 1] = first_token[n] + valid_length(lengths, n, T);
+  const std::vector<int64_t> first_token = first_valid_token(lengths, nullptr, N, T);
   const int64_t tokens = first_token[N], work = tokens * (A.size(2) * k_in + G.size(2) * k_out);
   const int threads =
       work < (int64_t{1} << 18) ? 1 : static_cast<int>(std::min<int64_t>(std::max(1, num_threads), N));
